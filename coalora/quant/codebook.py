@@ -1,0 +1,123 @@
+"""Code levels: NormalFloat (QLoRA) and symmetric signed integers, both on [-1, 1]."""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+
+from coalora.quant.config import BITS, Format
+
+NF_OFFSET = 0.9677083
+"""QLoRA's quantile offset: the outermost NF levels sit at these quantiles of N(0, σ)."""
+
+
+def _check_bits(bits: int) -> None:
+    if bits not in BITS:
+        raise ValueError(f"bits={bits!r} is not supported; choose one of {BITS}")
+
+
+@functools.cache
+def nf_codebook(bits: int) -> torch.Tensor:
+    """NormalFloat levels for ``bits`` bits, ascending, exactly -1 ... 0 ... 1 (DESIGN §2).
+
+    Quantiles ``linspace(1-offset, 0.5, 2^(b-1))`` then ``linspace(0.5, offset, 2^(b-1)+1)[1:]``
+    mapped through the inverse CDF of N(0, σ) with σ chosen so that the offset maps to 1.
+    """
+    _check_bits(bits)
+    half = 2 ** (bits - 1)
+    quantiles = torch.cat(
+        [
+            torch.linspace(1 - NF_OFFSET, 0.5, half, dtype=torch.float64),
+            torch.linspace(0.5, NF_OFFSET, half + 1, dtype=torch.float64)[1:],
+        ]
+    )
+    sigma = -1.0 / (math.sqrt(2.0) * torch.special.erfinv(torch.tensor(1 - 2 * NF_OFFSET)).item())
+    levels = sigma * math.sqrt(2.0) * torch.special.erfinv(2 * quantiles - 1)
+    levels[half - 1] = 0.0  # the median is exactly zero
+    levels[0], levels[-1] = -1.0, 1.0
+    return levels.float()
+
+
+@functools.cache
+def int_codebook(bits: int) -> torch.Tensor:
+    """Symmetric signed integer levels ``k / (2^(b-1) - 1)`` for ``|k| <= 2^(b-1) - 1``."""
+    _check_bits(bits)
+    top = 2 ** (bits - 1) - 1
+    return torch.arange(-top, top + 1, dtype=torch.float32) / top
+
+
+def codebook(fmt: Format, bits: int) -> torch.Tensor:
+    """The ascending levels of format ``fmt`` at ``bits`` bits."""
+    if fmt == "nf":
+        return nf_codebook(bits)
+    if fmt == "int":
+        return int_codebook(bits)
+    raise ValueError(f"fmt={fmt!r} is not supported; choose 'nf' or 'int'")
+
+
+@functools.cache
+def decision_boundaries(fmt: Format, bits: int) -> torch.Tensor:
+    """Midpoints between consecutive levels: ``bucketize(x, boundaries)`` is the nearest level."""
+    levels = codebook(fmt, bits)
+    return (levels[1:] + levels[:-1]) / 2
+
+
+EDGE_MARGIN = 0.01
+"""Least distance, in cells, between a decision boundary and a cell edge of a :class:`LevelGrid`."""
+
+
+@dataclass(frozen=True)
+class LevelGrid:
+    """Nearest-level lookup on a uniform grid of ``cells`` cells over [-1, 1].
+
+    Binary search (``torch.bucketize``) costs ~20 ns per weight on a CPU; this lookup is two
+    gathers and a comparison. The grid is fine enough that every cell of every codebook of
+    the format holds at most one decision boundary, and no boundary sits within
+    ``EDGE_MARGIN`` cells of an edge, so float rounding of the cell index never changes a code.
+    For each bit width, ``below[b][c]`` counts the boundaries left of cell ``c`` and
+    ``boundary[b][c]`` is the boundary inside it (``inf`` if none); the nearest code of ``x``
+    is ``below[cell] + (x > boundary[cell])``, exactly what ``bucketize`` returns.
+    """
+
+    cells: int
+    below: dict[int, torch.Tensor]
+    boundary: dict[int, torch.Tensor]
+
+    def cell_of(self, x: torch.Tensor) -> torch.Tensor:
+        """Grid cell of every entry of ``x`` (values beyond ±1 fall in the end cells)."""
+        return ((x.clamp(-1.0, 1.0) + 1.0) * (self.cells / 2)).int().clamp_(max=self.cells - 1)
+
+    def codes(self, x: torch.Tensor, bits: int, cell: torch.Tensor | None = None) -> torch.Tensor:
+        """Nearest-level codes of ``x``; pass ``cell`` to reuse :meth:`cell_of` across widths."""
+        cell = self.cell_of(x) if cell is None else cell
+        below, boundary = self.below[bits].to(x.device), self.boundary[bits].to(x.device)
+        return below[cell] + (x > boundary[cell])
+
+
+def _grid_fits(cells: int, boundaries: list[torch.Tensor]) -> bool:
+    for bd in boundaries:
+        position = (bd.double() + 1) * cells / 2
+        index = position.floor()
+        if (position - index).min() < EDGE_MARGIN or (index + 1 - position).min() < EDGE_MARGIN:
+            return False
+        if (index[1:] == index[:-1]).any():
+            return False
+    return True
+
+
+@functools.cache
+def level_grid(fmt: Format) -> LevelGrid:
+    """The lookup grid shared by all bit widths of ``fmt`` (the smallest fitting size ≥ 1024)."""
+    boundaries = {b: decision_boundaries(fmt, b) for b in BITS}
+    cells = next(c for c in range(1024, 1 << 16) if _grid_fits(c, list(boundaries.values())))
+    below, inside = {}, {}
+    for b, bd in boundaries.items():
+        index = ((bd.double() + 1) * cells / 2).floor().long()
+        edges = torch.linspace(-1.0, 1.0, cells + 1, dtype=torch.float64)[:-1]
+        below[b] = torch.searchsorted(bd.double(), edges, right=False)
+        inside[b] = torch.full((cells,), math.inf)
+        inside[b][index] = bd
+    return LevelGrid(cells, below, inside)

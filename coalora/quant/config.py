@@ -1,0 +1,81 @@
+"""Quantization configurations: the five per-matrix choices of DESIGN §2 and their storage cost."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+Format = Literal["nf", "int"]
+ScaleDtype = Literal["bf16", "fp16", "fp32"]
+
+BITS = (2, 3, 4, 8)
+SCALE_BITS = (2, 3, 4, 8)
+SCALE_DTYPES: tuple[ScaleDtype, ...] = ("bf16", "fp16", "fp32")
+BLOCK_SIZES = (16, 32, 64)
+SCALE_BLOCK_SIZES = (16, 64, 256)
+FORMATS: tuple[Format, ...] = ("nf", "int")
+SCALE_DTYPE_WIDTH = {"bf16": 16, "fp16": 16, "fp32": 32}
+
+
+def _check_choice(field: str, value: object, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"QuantConfig.{field}={value!r} is not allowed; choose one of {allowed}")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How one weight matrix is quantized (paper symbols b0, b1, b2, B0, B1).
+
+    Args:
+        bits: code bits per weight (b0).
+        scale_bits: unsigned-integer bits of each first-level scale (b1).
+        scale_dtype: dtype of the second-level scales (b2).
+        block_size: weights per first-level scale (B0).
+        scale_block_size: first-level scales per second-level scale (B1).
+        fmt: ``"nf"`` (NormalFloat levels) or ``"int"`` (symmetric signed integers).
+    """
+
+    bits: int
+    scale_bits: int
+    scale_dtype: ScaleDtype
+    block_size: int
+    scale_block_size: int
+    fmt: Format = "nf"
+
+    def __post_init__(self) -> None:
+        _check_choice("bits", self.bits, BITS)
+        _check_choice("scale_bits", self.scale_bits, SCALE_BITS)
+        _check_choice("scale_dtype", self.scale_dtype, SCALE_DTYPES)
+        _check_choice("block_size", self.block_size, BLOCK_SIZES)
+        _check_choice("scale_block_size", self.scale_block_size, SCALE_BLOCK_SIZES)
+        _check_choice("fmt", self.fmt, FORMATS)
+
+    @property
+    def bits_per_param(self) -> float:
+        """Storage per weight: ``b0 + b1/B0 + width(b2)/(B0·B1)`` (DESIGN §2)."""
+        return (
+            self.bits
+            + self.scale_bits / self.block_size
+            + SCALE_DTYPE_WIDTH[self.scale_dtype] / (self.block_size * self.scale_block_size)
+        )
+
+    def to_dict(self) -> dict[str, int | str]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        return (
+            f"{self.fmt}{self.bits}-s{self.scale_bits}-{self.scale_dtype}"
+            f"-B{self.block_size}-G{self.scale_block_size}"
+        )
+
+
+def config_space(fmt: Format = "nf") -> list[QuantConfig]:
+    """All 4·4·3·3·3 = 432 options of one format, in a fixed order."""
+    _check_choice("fmt", fmt, FORMATS)
+    return [
+        QuantConfig(b, sb, sd, bs, sbs, fmt)
+        for b, sb, sd, bs, sbs in itertools.product(
+            BITS, SCALE_BITS, SCALE_DTYPES, BLOCK_SIZES, SCALE_BLOCK_SIZES
+        )
+    ]

