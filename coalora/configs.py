@@ -1,0 +1,94 @@
+"""Configuration sets: the initial training set and the evaluation configurations (DESIGN §5, §8).
+
+A configuration is one option index per target matrix (see :data:`coalora.model.backbone.Choice`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from coalora.quant import ErrorTable, achievable_range, allocate_budget, average_bits
+
+UNSEEN_STEP = 0.01
+"""Budget decrement (bits) used to step off a training configuration (see :func:`unseen_config`)."""
+
+
+def budget_grid(start: float, stop: float, step: float) -> list[float]:
+    """Budgets ``start, start + step, ...`` up to ``stop`` inclusive (rounded to 1e-6)."""
+    if step <= 0 or stop < start:
+        raise ValueError(f"budget grid needs step > 0 and stop >= start, got {start}:{stop}:{step}")
+    count = int(np.floor((stop - start) / step + 1e-9)) + 1
+    return [round(start + i * step, 6) for i in range(count)]
+
+
+def allocate(table: ErrorTable, budget: float) -> tuple[int, ...]:
+    """The minimum-error configuration of ``table`` within ``budget`` average bits."""
+    return tuple(allocate_budget(table.errors.numpy(), table.numels, budget, table.options))
+
+
+def config_bits(table: ErrorTable, choice: Sequence[int]) -> float:
+    """Average bits per weight of a configuration."""
+    return average_bits(table.numels, [table.options[j].bits_per_param for j in choice])
+
+
+def initial_training_set(table: ErrorTable, budgets: Sequence[float]) -> list[tuple[int, ...]]:
+    """Allocations at ``budgets`` (clipped to nothing: each must be achievable), duplicates dropped
+    in order of first appearance."""
+    low, high = achievable_range(table.numels, table.options)
+    outside = [b for b in budgets if not low <= b <= high]
+    if outside:
+        raise ValueError(
+            f"budgets {outside} are outside the achievable range [{low:.4f}, {high:.4f}]"
+        )
+    return list(dict.fromkeys(allocate(table, b) for b in budgets))
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """A configuration to evaluate: its target budget, split and actual average bits."""
+
+    target_budget: float
+    split: str  # "unseen" or "seen"
+    choice: tuple[int, ...]
+    avg_bits: float
+
+
+def unseen_config(
+    table: ErrorTable, budget: float, training: Sequence[Sequence[int]], max_steps: int = 200
+) -> tuple[int, ...]:
+    """The allocation at ``budget``; if it is a training configuration, the allocation at
+    ``budget − k·UNSEEN_STEP`` for the smallest k ≥ 1 that is not (so it still meets the budget)."""
+    seen = {tuple(c) for c in training}
+    for k in range(max_steps + 1):
+        choice = allocate(table, budget - k * UNSEEN_STEP)
+        if choice not in seen:
+            return choice
+    raise ValueError(f"no unseen allocation within {max_steps * UNSEEN_STEP} bits below {budget}")
+
+
+def nearest_seen_config(
+    table: ErrorTable, budget: float, training: Sequence[Sequence[int]]
+) -> tuple[int, ...]:
+    """The training configuration whose average bits is nearest ``budget`` (lower on ties)."""
+    if not training:
+        raise ValueError("the training configuration set is empty")
+    return tuple(
+        min(training, key=lambda c: (abs(config_bits(table, c) - budget), config_bits(table, c)))
+    )
+
+
+def evaluation_configs(
+    table: ErrorTable, budgets: Sequence[float], training: Sequence[Sequence[int]]
+) -> list[EvalConfig]:
+    """Unseen and seen configurations at every evaluation budget."""
+    out = []
+    for budget in budgets:
+        for split, choice in (
+            ("unseen", unseen_config(table, budget, training)),
+            ("seen", nearest_seen_config(table, budget, training)),
+        ):
+            out.append(EvalConfig(budget, split, choice, config_bits(table, choice)))
+    return out

@@ -1,0 +1,91 @@
+"""The configuration-aware network θ: layer configuration → r×r adjustment U (DESIGN §4)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from coalora.quant.config import (
+    BITS,
+    BLOCK_SIZES,
+    SCALE_BITS,
+    SCALE_BLOCK_SIZES,
+    SCALE_DTYPES,
+    QuantConfig,
+)
+
+FIELD_CHOICES: tuple[tuple, ...] = (BITS, SCALE_BITS, SCALE_DTYPES, BLOCK_SIZES, SCALE_BLOCK_SIZES)
+"""The five configuration fields in :class:`QuantConfig` order, each with its choices."""
+
+
+def field_indices(config: QuantConfig) -> list[int]:
+    """Positions of a configuration's five field values among their choices."""
+    values = (
+        config.bits,
+        config.scale_bits,
+        config.scale_dtype,
+        config.block_size,
+        config.scale_block_size,
+    )
+    return [choices.index(v) for choices, v in zip(FIELD_CHOICES, values, strict=True)]
+
+
+class ConfigAwareNetwork(nn.Module):
+    """Maps each layer's embedding Q_i to U_θ(Q_i) ∈ R^{r×r}; shared by all layers.
+
+    Q_i concatenates learned embeddings of the five quantization fields, the module type and
+    the block index. θ is LayerNorm → Linear → SiLU → Linear(r²); the last layer starts at
+    zero so that U = 0 and the model begins as plain LoRA.
+
+    Args:
+        rank: LoRA rank r.
+        num_module_types: size of the module-type table.
+        num_blocks: size of the block-index table (the model's number of blocks).
+        embed_dim: width of each embedding.
+        hidden_dim: width of the hidden layer.
+    """
+
+    def __init__(
+        self,
+        rank: int,
+        num_module_types: int,
+        num_blocks: int,
+        embed_dim: int = 16,
+        hidden_dim: int = 256,
+    ) -> None:
+        super().__init__()
+        self.rank = rank
+        self.field_embeddings = nn.ModuleList(
+            nn.Embedding(len(choices), embed_dim) for choices in FIELD_CHOICES
+        )
+        self.type_embedding = nn.Embedding(num_module_types, embed_dim)
+        self.block_embedding = nn.Embedding(num_blocks, embed_dim)
+        width = embed_dim * (len(FIELD_CHOICES) + 2)
+        self.mlp = nn.Sequential(
+            nn.LayerNorm(width),
+            nn.Linear(width, hidden_dim),
+            nn.SiLU(),
+            nn.Linear(hidden_dim, rank * rank),
+        )
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """``features``: (layers, 7) long — five field indices, module type, block index.
+
+        Returns the adjustments U, shape (layers, r, r), in one batched call.
+        """
+        parts = [emb(features[:, i]) for i, emb in enumerate(self.field_embeddings)]
+        parts.append(self.type_embedding(features[:, 5]))
+        parts.append(self.block_embedding(features[:, 6]))
+        return self.mlp(torch.cat(parts, dim=-1)).view(-1, self.rank, self.rank)
+
+
+def layer_features(
+    configs: Sequence[QuantConfig], type_ids: Sequence[int], block_ids: Sequence[int]
+) -> torch.Tensor:
+    """The (layers, 7) input of :class:`ConfigAwareNetwork` for one model configuration."""
+    rows = [[*field_indices(c), t, b] for c, t, b in zip(configs, type_ids, block_ids, strict=True)]
+    return torch.tensor(rows, dtype=torch.long)

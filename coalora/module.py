@@ -1,0 +1,108 @@
+"""The LightningModule: trains the quantized LoRA model over a set of configurations (DESIGN §5)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from torchmetrics import Metric
+
+from coalora.model.backbone import Choice, QuantizedLoRAModel
+
+
+class CoALoRAModule(L.LightningModule):
+    """Each step samples ``configs_per_step`` training configurations, runs the batch under
+    each, and averages their losses. Validation runs every configuration of ``val_configs``.
+
+    Args:
+        model: the quantized LoRA model (built outside, as in lightning-hydra-template).
+        optimizer: a partial optimizer factory taking the trainable parameters.
+        train_configs: the initial training configuration set.
+        val_configs: configurations scored in validation.
+        metric: the task metric (a torchmetrics object; cloned per split).
+        configs_per_step: k, configurations per step (the authors use 2).
+        seed: seed of the configuration sampler.
+    """
+
+    def __init__(
+        self,
+        model: QuantizedLoRAModel,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        train_configs: Sequence[Sequence[int]],
+        val_configs: Sequence[Sequence[int]],
+        metric: Metric,
+        configs_per_step: int = 2,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if configs_per_step < 1:
+            raise ValueError(f"configs_per_step={configs_per_step} must be >= 1")
+        if not train_configs:
+            raise ValueError(
+                "train_configs is empty: at least one training configuration is needed"
+            )
+        self.save_hyperparameters(
+            ignore=["model", "metric", "train_configs", "val_configs"], logger=False
+        )
+        self.model = model
+        self.optimizer_factory = optimizer
+        self.train_configs: list[Choice] = [model.check_choice(c) for c in train_configs]
+        self.val_configs: list[Choice] = [model.check_choice(c) for c in val_configs]
+        self.val_metric = metric.clone()
+        self.metric_name = type(metric).__name__
+        self.configs_per_step = configs_per_step
+        self.sampler = torch.Generator().manual_seed(seed)
+        self.strict_loading = False  # checkpoints omit the frozen pre-trained weights
+
+    def sample_configs(self) -> list[Choice]:
+        """k distinct configurations drawn uniformly from the training set."""
+        k = min(self.configs_per_step, len(self.train_configs))
+        picks = torch.randperm(len(self.train_configs), generator=self.sampler)[:k]
+        return [self.train_configs[i] for i in picks.tolist()]
+
+    def loss_under(self, choice: Choice, batch: dict[str, torch.Tensor]):
+        self.model.set_configuration(choice)
+        return self.model(**batch)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        losses = [self.loss_under(c, batch).loss for c in self.sample_configs()]
+        loss = torch.stack(losses).mean()
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["labels"].shape[0])
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        size = batch["labels"].shape[0]
+        for choice in self.val_configs:
+            out = self.loss_under(choice, batch)
+            self.val_metric.update(out.logits.argmax(-1), batch["labels"])
+            self.log("val/loss", out.loss, batch_size=size, on_epoch=True)
+        self.log("val/metric", self.val_metric, prog_bar=True, on_epoch=True)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return self.optimizer_factory(params=[p for p in self.parameters() if p.requires_grad])
+
+    def frozen_keys(self) -> set[str]:
+        return {name for name, p in self.named_parameters() if not p.requires_grad}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        frozen = self.frozen_keys()
+        checkpoint["state_dict"] = {
+            k: v for k, v in checkpoint["state_dict"].items() if k not in frozen
+        }
+        checkpoint["coalora"] = {
+            "train_configs": [list(c) for c in self.train_configs],
+            "val_configs": [list(c) for c in self.val_configs],
+            "sampler_state": self.sampler.get_state(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        missing = {k for k, _ in self.named_parameters()} - self.frozen_keys()
+        missing -= set(checkpoint["state_dict"])
+        if missing:
+            raise KeyError(f"checkpoint lacks trainable parameters {sorted(missing)[:5]}")
+        state = checkpoint["coalora"]
+        self.train_configs = [tuple(c) for c in state["train_configs"]]
+        self.val_configs = [tuple(c) for c in state["val_configs"]]
+        self.sampler.set_state(state["sampler_state"])

