@@ -33,5 +33,9 @@ lint: install
 bench: install
 	$(BIN)/python experiments/bench_quant.py
 
+# The main job: CoA-LoRA on the embedded MiniLM and movie-review data, then the evaluation table.
+demo: install
+	WANDB_MODE=disabled $(BIN)/python -m coalora.run experiment=demo
+
 clean:
 	rm -rf outputs multirun wandb lightning_logs .pytest_cache .ruff_cache

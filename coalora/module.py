@@ -44,7 +44,7 @@ class CoALoRAModule(L.LightningModule):
                 "train_configs is empty: at least one training configuration is needed"
             )
         self.save_hyperparameters(
-            ignore=["model", "metric", "train_configs", "val_configs"], logger=False
+            ignore=["model", "optimizer", "metric", "train_configs", "val_configs"], logger=False
         )
         self.model = model
         self.optimizer_factory = optimizer
@@ -95,6 +95,7 @@ class CoALoRAModule(L.LightningModule):
             "train_configs": [list(c) for c in self.train_configs],
             "val_configs": [list(c) for c in self.val_configs],
             "sampler_state": self.sampler.get_state(),
+            "torch_rng_state": torch.get_rng_state(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -106,3 +107,4 @@ class CoALoRAModule(L.LightningModule):
         self.train_configs = [tuple(c) for c in state["train_configs"]]
         self.val_configs = [tuple(c) for c in state["val_configs"]]
         self.sampler.set_state(state["sampler_state"])
+        torch.set_rng_state(state["torch_rng_state"])  # dropout continues as uninterrupted

@@ -35,12 +35,6 @@ log = logging.getLogger(__name__)
 OmegaConf.register_new_resolver("package_path", package_path, replace=True)
 
 
-def task_spec(cfg: DictConfig) -> TaskSpec:
-    fields = OmegaConf.to_container(cfg.task, resolve=True)
-    fields.pop("data_dir", None)
-    return TaskSpec(**fields)
-
-
 def build_model(cfg: DictConfig, backbone: torch.nn.Module) -> QuantizedLoRAModel:
     method = cfg.method
     return QuantizedLoRAModel(
@@ -75,8 +69,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Train, evaluate at every budget, write the reports; returns the summary."""
     out_dir = Path(cfg.paths.output_dir)
     L.seed_everything(cfg.seed, workers=True)
-    task = task_spec(cfg)
-    datamodule: TextClassificationDataModule = instantiate(cfg.data, task=task)
+    task = TaskSpec(**OmegaConf.to_container(cfg.task, resolve=True))
+    datamodule: TextClassificationDataModule = instantiate(cfg.data, _partial_=True)(task=task)
     datamodule.setup()
     backbone = load_classifier(cfg.model.name_or_path, datamodule.num_labels)
     fisher = estimate_fisher(cfg, backbone, datamodule)

