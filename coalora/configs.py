@@ -35,8 +35,7 @@ def config_bits(table: ErrorTable, choice: Sequence[int]) -> float:
 
 
 def initial_training_set(table: ErrorTable, budgets: Sequence[float]) -> list[tuple[int, ...]]:
-    """Allocations at ``budgets`` (clipped to nothing: each must be achievable), duplicates dropped
-    in order of first appearance."""
+    """Allocations at ``budgets`` (each must be achievable), without duplicates, in budget order."""
     low, high = achievable_range(table.numels, table.options)
     outside = [b for b in budgets if not low <= b <= high]
     if outside:

@@ -66,6 +66,8 @@ ALLOCATION_LIMIT_S = 10.0
 """Required bound on one allocation of the synthetic problem."""
 
 MIB = 2**20
+BUSY_LOAD_MARGIN = 0.5
+"""Load average above ``cores - threads`` by this much counts as busy cores."""
 
 console = Console()
 
@@ -117,10 +119,11 @@ def machine_info() -> None:
         f"{torch.get_num_threads()} threads, load average "
         f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}"
     )
-    if os.getloadavg()[0] >= usable and torch.get_num_threads() > 1:
+    threads, load = torch.get_num_threads(), os.getloadavg()[0]
+    if threads > 1 and load > usable - threads + BUSY_LOAD_MARGIN:
         console.print(
-            "[yellow]warning: the cores are busy; multi-threaded torch slows down badly when "
-            "it shares them (try --threads 1)[/yellow]"
+            f"[yellow]warning: other processes use the cores (load {load:.2f}); torch with "
+            f"{threads} threads slows down many-fold when it shares them: try --threads 1[/yellow]"
         )
 
 

@@ -79,6 +79,7 @@ class QuantizedLoRAModel(nn.Module):
         self.cache = DequantCache(cache_bytes)
         self.active: Choice | None = None
         self._features: torch.Tensor | None = None
+        self.train()  # from_pretrained returns eval mode; fine-tuning uses the model's dropout
 
     @property
     def layers(self) -> list[QuantLoRALinear]:

@@ -1,0 +1,71 @@
+"""Training and evaluation configuration sets."""
+
+import numpy as np
+import pytest
+import torch
+
+from coalora.configs import (
+    allocate,
+    budget_grid,
+    config_bits,
+    evaluation_configs,
+    initial_training_set,
+    nearest_seen_config,
+    unseen_config,
+)
+from coalora.quant import ErrorTable, config_space
+
+
+@pytest.fixture(scope="module")
+def table() -> ErrorTable:
+    rng = np.random.default_rng(0)
+    options = config_space("nf")
+    numels = [4096, 4096, 16384, 16384]
+    bpp = np.array([o.bits_per_param for o in options])
+    errors = np.outer(numels, 4.0**-bpp) * rng.uniform(0.8, 1.2, (len(numels), len(options)))
+    return ErrorTable([f"m{i}" for i in range(4)], numels, options, torch.tensor(errors))
+
+
+def test_budget_grid():
+    assert budget_grid(2.25, 6.5, 0.25)[:3] == [2.25, 2.5, 2.75]
+    assert budget_grid(2.25, 6.5, 0.1)[-1] == 6.45
+    assert len(budget_grid(2.5, 6.5, 1.0)) == 5
+    with pytest.raises(ValueError, match="step > 0"):
+        budget_grid(3, 2, 0.1)
+
+
+def test_initial_set_is_deduplicated_and_within_budgets(table):
+    budgets = budget_grid(2.25, 6.5, 0.05)
+    configs = initial_training_set(table, budgets)
+    assert len(configs) == len(set(configs)) <= len(budgets)
+    assert configs[0] == allocate(table, 2.25)
+    assert all(config_bits(table, c) <= 6.5 + 1e-9 for c in configs)
+    with pytest.raises(ValueError, match=r"\[1\.0\] are outside the achievable range"):
+        initial_training_set(table, [1.0, 3.0])
+
+
+def test_unseen_config_steps_off_the_training_set(table):
+    training = [allocate(table, 3.0), allocate(table, 2.99)]
+    choice = unseen_config(table, 3.0, training)
+    assert choice not in training and config_bits(table, choice) <= 3.0
+    assert choice == allocate(table, 2.98)
+    assert unseen_config(table, 4.0, training) == allocate(table, 4.0)
+
+
+def test_seen_config_is_the_nearest_training_configuration(table):
+    training = [allocate(table, b) for b in (2.5, 3.5, 5.0)]
+    assert nearest_seen_config(table, 3.4, training) == training[1]
+    assert nearest_seen_config(table, 6.0, training) == training[2]
+    with pytest.raises(ValueError, match="empty"):
+        nearest_seen_config(table, 3.0, [])
+
+
+def test_evaluation_configs_cover_every_budget_and_split(table):
+    training = initial_training_set(table, budget_grid(2.25, 6.5, 0.5))
+    configs = evaluation_configs(table, [2.5, 4.0], training)
+    assert [(c.target_budget, c.split) for c in configs] == [
+        (2.5, "unseen"), (2.5, "seen"), (4.0, "unseen"), (4.0, "seen"),
+    ]  # fmt: skip
+    for c in configs:
+        assert c.avg_bits == pytest.approx(config_bits(table, c.choice))
+        assert (c.choice in training) == (c.split == "seen")
