@@ -394,7 +394,7 @@ def rte_module() -> TextClassificationDataModule:
 @needs_glue
 def test_datamodule_splits_and_batches(rte_module) -> None:
     assert rte_module.num_labels == 2 and rte_module.task.name == "rte"
-    assert [len(rte_module.split(s)) for s in ("train", "val", "test")] == [32, 20, 20]
+    assert [len(rte_module.split(s)) for s in ("train", "val", "test")] == [32, 40, 20]
     batch = next(iter(rte_module.train_dataloader()))
     assert set(batch) == {"input_ids", "attention_mask", "token_type_ids", "labels"}
     assert batch["labels"].dtype == torch.long and batch["labels"].shape == (8,)
@@ -404,7 +404,7 @@ def test_datamodule_splits_and_batches(rte_module) -> None:
     assert (batch["token_type_ids"] == 1).any()  # sentence pairs
     test_batch = next(iter(rte_module.test_dataloader()))
     assert test_batch["input_ids"].shape[0] == 16
-    assert sum(len(b["labels"]) for b in rte_module.val_dataloader()) == 20
+    assert sum(len(b["labels"]) for b in rte_module.val_dataloader()) == 40
 
 
 @needs_glue
@@ -415,8 +415,8 @@ def test_datamodule_is_seeded(rte_module) -> None:
     assert batch.keys() == again.keys()
     assert all(torch.equal(batch[k], again[k]) for k in batch)
     assert batch["labels"].tolist() == rte_module.split("val")["labels"][:5]
-    with pytest.raises(ValueError, match="batch of 21 from 20"):
-        rte_module.heldout_batch(21)
+    with pytest.raises(ValueError, match="batch of 41 from 40"):
+        rte_module.heldout_batch(41)
 
 
 @needs_glue
@@ -429,7 +429,7 @@ def test_datamodule_rejects_too_large_sizes() -> None:
     module = TextClassificationDataModule(
         task_conf("rte", data_dir=str(GLUE_DIR)), TOKENIZER, max_eval_samples=300
     )
-    with pytest.raises(ValueError, match="Cannot take 300 samples from a split of 256"):
+    with pytest.raises(ValueError, match="Cannot take 300 samples from a split of 277"):
         module.setup()
     with pytest.raises(RuntimeError, match="setup"):
         module.heldout_batch(1)

@@ -59,7 +59,8 @@ class TextClassificationDataModule(L.LightningDataModule):
         eval_batch_size: validation and test batch size.
         val_size: examples held out from the training data as ``val``.
         max_train_samples: training examples kept (seeded sub-sample); None keeps all.
-        max_eval_samples: ``val`` and ``test`` examples kept each; None keeps all.
+        max_eval_samples: ``test`` examples kept (seeded sub-sample); None keeps all. The
+            ``val`` split's size is ``val_size``.
         seed: seed of the ``val`` carve, the sub-samples and the training shuffle.
         num_workers: data-loader worker processes.
     """
@@ -113,7 +114,7 @@ class TextClassificationDataModule(L.LightningDataModule):
         carved = raw["train"].train_test_split(test_size=hp.val_size, seed=hp.seed)
         splits = {
             "train": subsample(carved["train"], hp.max_train_samples, hp.seed),
-            "val": subsample(carved["test"], hp.max_eval_samples, hp.seed),
+            "val": carved["test"],
             "test": subsample(raw["test"], hp.max_eval_samples, hp.seed),
         }
         self._splits = {name: self._tokenize(split) for name, split in splits.items()}
