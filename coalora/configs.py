@@ -80,13 +80,22 @@ def nearest_seen_config(
 
 
 def evaluation_configs(
-    table: ErrorTable, budgets: Sequence[float], training: Sequence[Sequence[int]]
+    table: ErrorTable,
+    budgets: Sequence[float],
+    training: Sequence[Sequence[int]],
+    ever_trained: Sequence[Sequence[int]] | None = None,
 ) -> list[EvalConfig]:
-    """Unseen and seen configurations at every evaluation budget."""
+    """Unseen and seen configurations at every evaluation budget.
+
+    Seen configurations come from ``training`` (the set the model last trained on); unseen ones
+    avoid every configuration in ``ever_trained`` (default: ``training``), so a configuration
+    search that changed the set between epochs never leaks a trained configuration into the
+    unseen split.
+    """
     out = []
     for budget in budgets:
         for split, choice in (
-            ("unseen", unseen_config(table, budget, training)),
+            ("unseen", unseen_config(table, budget, ever_trained or training)),
             ("seen", nearest_seen_config(table, budget, training)),
         ):
             out.append(EvalConfig(budget, split, choice, config_bits(table, choice)))

@@ -52,9 +52,16 @@ class CoALoRAModule(L.LightningModule):
         self.val_configs: list[Choice] = [model.check_choice(c) for c in val_configs]
         self.val_metric = metric.clone()
         self.metric_name = type(metric).__name__
+        self.epoch_configs: list[Choice] = []  # the set the latest epoch trained on
+        self.trained_configs: list[Choice] = []  # every configuration ever in a training set
         self.configs_per_step = configs_per_step
         self.sampler = torch.Generator().manual_seed(seed)
         self.strict_loading = False  # checkpoints omit the frozen pre-trained weights
+
+    def on_train_epoch_start(self) -> None:
+        self.epoch_configs = list(self.train_configs)
+        known = set(self.trained_configs)
+        self.trained_configs += [c for c in self.train_configs if c not in known]
 
     def sample_configs(self) -> list[Choice]:
         """k distinct configurations drawn uniformly from the training set."""
@@ -94,6 +101,8 @@ class CoALoRAModule(L.LightningModule):
         checkpoint["coalora"] = {
             "train_configs": [list(c) for c in self.train_configs],
             "val_configs": [list(c) for c in self.val_configs],
+            "epoch_configs": [list(c) for c in self.epoch_configs],
+            "trained_configs": [list(c) for c in self.trained_configs],
             "sampler_state": self.sampler.get_state(),
             "torch_rng_state": torch.get_rng_state(),
         }
@@ -106,5 +115,7 @@ class CoALoRAModule(L.LightningModule):
         state = checkpoint["coalora"]
         self.train_configs = [tuple(c) for c in state["train_configs"]]
         self.val_configs = [tuple(c) for c in state["val_configs"]]
+        self.epoch_configs = [tuple(c) for c in state["epoch_configs"]]
+        self.trained_configs = [tuple(c) for c in state["trained_configs"]]
         self.sampler.set_state(state["sampler_state"])
         torch.set_rng_state(state["torch_rng_state"])  # dropout continues as uninterrupted

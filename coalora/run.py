@@ -96,6 +96,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     )
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    if cfg.search.get("callback"):
+        search = instantiate(cfg.search.strategy, _partial_=True)(table, train_configs)
+        callbacks.insert(0, instantiate(cfg.search.callback, _partial_=True)(search))
     trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
@@ -105,7 +108,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     train_seconds = time.perf_counter() - start
 
     start = time.perf_counter()
-    configs = evaluation_configs(table, cfg.eval.budgets, module.train_configs)
+    configs = evaluation_configs(
+        table, cfg.eval.budgets, module.epoch_configs, module.trained_configs
+    )
     records = evaluate_configurations(
         model,
         datamodule.test_dataloader(),
@@ -132,7 +137,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "train_seconds": train_seconds,
         "eval_seconds": eval_seconds,
         "trainable_parameters": model.trainable_parameter_counts(),
-        "training_configurations": len(module.train_configs),
+        "training_configurations": len(module.epoch_configs),
+        "configurations_trained_on": len(module.trained_configs),
         "results": [r.__dict__ for r in records],
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))

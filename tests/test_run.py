@@ -1,15 +1,22 @@
 """The Hydra entry point: every config composes; a fast run trains, evaluates, reports, resumes."""
 
+import itertools
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from coalora.configs import allocate
 from coalora.evaluation import read_results
+from coalora.pareto import segmented_pareto_filter
+from coalora.quant import ErrorTable, config_space
 from coalora.run import train
+from coalora.search.callback import ParetoSearchCallback
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = {
@@ -18,6 +25,7 @@ GROUPS = {
     "model": ["minilm", "roberta-base", "roberta-large"],
     "trainer": ["cpu", "gpu", "ddp"],
     "logger": ["csv", "wandb", "none"],
+    "search": ["pareto_gp", "random", "frozen"],
     "experiment": sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")),
 }
 
@@ -38,6 +46,19 @@ def test_every_config_composes(override, tmp_path):
     assert resolved["task"]["name"] in GROUPS["task"]
 
 
+@pytest.mark.parametrize("name", ["pareto_gp", "random"])
+def test_search_configs_build_the_callback(name, tmp_path):
+    cfg = compose_config([f"search={name}", "debug=fast", f"paths.output_dir={tmp_path}"])
+    options = config_space(cfg.quant.fmt)
+    errors = torch.tensor([[4.0**-o.bits_per_param for o in options]] * 2, dtype=torch.float64)
+    table = ErrorTable(["a", "b"], [64, 64], options, errors)
+    search = instantiate(cfg.search.strategy, _partial_=True)(table, [allocate(table, 4.0)])
+    callback = instantiate(cfg.search.callback, _partial_=True)(search)
+    assert isinstance(callback, ParetoSearchCallback) and callback.search is search
+    assert (search.num_proposals, callback.heldout_size) == (4, 16)
+    assert callback.dirpath == tmp_path / "config_set"
+
+
 @pytest.fixture(scope="module")
 def glue_overrides(shared_data_dir):
     """SST-2 from the shared GLUE copy; error tables go to the default (content-keyed) cache."""
@@ -54,7 +75,11 @@ def run(overrides: list[str], out: Path) -> dict:
 @pytest.fixture(scope="module")
 def fast_run(glue_overrides, tmp_path_factory):
     out = tmp_path_factory.mktemp("fast-run")
-    return out, run(glue_overrides, out)
+    return out, run([*glue_overrides, "trainer.max_epochs=3"], out)
+
+
+def search_report(out: Path, epoch: int) -> dict:
+    return json.loads((out / "config_set" / f"epoch_{epoch}.json").read_text())
 
 
 def test_fast_run_writes_every_report(fast_run):
@@ -70,17 +95,46 @@ def test_fast_run_writes_every_report(fast_run):
             assert r.avg_bits <= r.target_budget + 1e-9
     assert (out / "eval" / "accuracy_vs_bits.png").stat().st_size > 10_000
     on_disk = json.loads((out / "summary.json").read_text())
-    assert on_disk["training_configurations"] == summary["training_configurations"] == 5
+    # The last epoch trained on the set chosen after epoch 1; the search after epoch 2 only
+    # prepares a set for a later epoch, so its proposals count as neither seen nor trained.
+    last_trained = search_report(out, 1)["training_set"]
+    assert on_disk["training_configurations"] == summary["training_configurations"]
+    assert summary["training_configurations"] == len(last_trained)
+    assert summary["configurations_trained_on"] >= len(last_trained)
     assert 0.0 < on_disk["hypervolume"]["unseen"] <= 1.0
     assert on_disk["trainable_parameters"]["config_net"] > 0
     assert on_disk["train_seconds"] > 0 and on_disk["eval_seconds"] > 0
 
 
+def test_search_reports_every_epoch(fast_run):
+    out, _ = fast_run
+    reports = [search_report(out, k) for k in range(3)]
+    for k, report in enumerate(reports):
+        assert report["epoch"] == k and (out / "config_set" / f"epoch_{k}.png").exists()
+        pool, proposals = report["pool"], report["proposals"]
+        assert 1 <= len(proposals) <= 4 and report["acquisition_evaluations"] <= 300
+        configs = [row["config"] for row in pool + proposals]
+        assert len({tuple(c) for c in configs}) == len(configs)  # proposals are new
+        rows = pool + proposals
+        kept = segmented_pareto_filter(
+            np.array([r["bits"] for r in rows]), np.array([r["loss"] for r in rows]), 2.25, 6.5, 17
+        )
+        assert report["training_set"] == [rows[i] for i in kept]
+        assert report["pool_hypervolume"] > 0 and report["seconds"] > 0
+    for before, after in itertools.pairwise(reports):
+        assert [r["config"] for r in after["pool"]] == [r["config"] for r in before["training_set"]]
+    metrics = (out / "csv" / "version_0" / "metrics.csv").read_text().splitlines()[0].split(",")
+    names = ("train_set_size", "bits_min", "bits_max", "pool_hv", "seconds")
+    assert {f"search/{name}" for name in names} <= set(metrics)
+
+
 def test_checkpoint_holds_the_configuration_set_and_no_frozen_weights(fast_run):
     out, _ = fast_run
-    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
-    assert len(ckpt["coalora"]["train_configs"]) == 5
-    assert all(len(c) == 36 for c in ckpt["coalora"]["train_configs"])
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    final_set = [row["config"] for row in search_report(out, 2)["training_set"]]
+    assert ckpt["coalora"]["train_configs"] == final_set
+    assert ckpt["callbacks"]["ParetoSearchCallback"]["configs"] == final_set
+    assert all(len(c) == 36 for c in final_set)
     keys = ckpt["state_dict"].keys()
     assert any("lora_A" in k for k in keys) and any("config_net" in k for k in keys)
     assert not any(k.endswith("attention.self.query.weight") for k in keys)
@@ -104,3 +158,9 @@ def test_resume_continues_exactly(glue_overrides, tmp_path):
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-6), key
     assert not torch.equal(a[next(k for k in a if "lora_B" in k)], torch.zeros(1))
+    # The search after the resumed epoch chose the same training set as the straight run.
+    assert search_report(resumed, 1) == {
+        **search_report(straight, 1),
+        "seconds": search_report(resumed, 1)["seconds"],
+    }
+    assert not (resumed / "config_set" / "epoch_0.json").exists()

@@ -1,0 +1,137 @@
+"""Lightning callback running the configuration search between epochs (DESIGN §6)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import WandbLogger
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from coalora.model.backbone import Choice
+from coalora.search.search import ParetoGPSearch, SearchRound
+
+PLOT_DPI = 120
+
+
+class ParetoSearchCallback(L.Callback):
+    """After every ``interval``-th training epoch, run one search round and replace the
+    module's ``train_configs`` by its result.
+
+    Configurations are scored with the module in eval mode under ``torch.no_grad()``: the loss
+    of :meth:`CoALoRAModule.loss_under` (adapters and θ included) on the first ``heldout_size``
+    examples of the data module's ``val`` split (``heldout_batch``), fixed for the whole run.
+
+    Each round writes ``<dirpath>/epoch_<k>.json`` (pool, proposals and training set with their
+    bits and losses, the pool hypervolume, acquisition evaluations, seconds) and a plot
+    ``epoch_<k>.png``, and logs ``search/train_set_size``, ``search/bits_min``,
+    ``search/bits_max``, ``search/pool_hv`` and ``search/seconds`` (and the plot to W&B).
+
+    Ordering: Lightning calls ``on_train_epoch_end`` of ordinary callbacks before that of
+    checkpoint callbacks (and puts ``ModelCheckpoint`` last in the list), after the epoch's
+    validation, so the checkpoint written at the end of epoch k already holds the search's
+    result and state: a run resumed from it trains epoch k+1 on the same set.
+
+    Args:
+        search: the search (its initial pool is the module's initial training set).
+        dirpath: folder of the per-epoch reports.
+        interval: run after epochs k with ``(k + 1) % interval == 0``.
+        heldout_size: validation examples in the scoring batch.
+    """
+
+    def __init__(
+        self, search: ParetoGPSearch, dirpath: str | Path, interval: int = 1, heldout_size: int = 64
+    ) -> None:
+        if interval < 1 or heldout_size < 1:
+            raise ValueError(
+                f"need interval >= 1 and heldout_size >= 1, got {interval} and {heldout_size}"
+            )
+        self.search = search
+        self.dirpath = Path(dirpath)
+        self.interval = interval
+        self.heldout_size = heldout_size
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        epoch = trainer.current_epoch
+        if (epoch + 1) % self.interval:
+            return
+        batch = {
+            k: v.to(pl_module.device)
+            for k, v in trainer.datamodule.heldout_batch(self.heldout_size).items()
+        }
+
+        def score(configs: list[Choice]) -> list[float]:
+            was_training = pl_module.training
+            pl_module.eval()
+            try:
+                with torch.no_grad():
+                    return [pl_module.loss_under(c, batch).loss.item() for c in configs]
+            finally:
+                pl_module.train(was_training)
+
+        result = self.search.step(score)
+        pl_module.train_configs = list(self.search.configs)
+        self._report(result, epoch, trainer, pl_module)
+
+    def _report(
+        self, result: SearchRound, epoch: int, trainer: L.Trainer, pl_module: L.LightningModule
+    ) -> None:
+        kept_bits = [result.bits[i] for i in result.kept]
+        metrics = {
+            "search/train_set_size": float(len(result.kept)),
+            "search/bits_min": min(kept_bits),
+            "search/bits_max": max(kept_bits),
+            "search/pool_hv": result.pool_hypervolume,
+            "search/seconds": result.seconds,
+        }
+        for name, value in metrics.items():
+            pl_module.log(name, value, on_epoch=True)
+        if not trainer.is_global_zero:
+            return
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        record = {"epoch": epoch, **result.to_dict()}
+        (self.dirpath / f"epoch_{epoch}.json").write_text(json.dumps(record, indent=1))
+        plot = plot_round(
+            result, self.dirpath / f"epoch_{epoch}.png", f"search after epoch {epoch}"
+        )
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image("search/front", [str(plot)], step=trainer.global_step)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.search.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.search.load_state_dict(state_dict)
+
+
+def plot_round(result: SearchRound, path: Path, title: str = "") -> Path:
+    """Scatter of held-out loss against average bits: pool, proposals and the chosen set."""
+    fig = Figure(figsize=(6.4, 4.4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    n = result.pool_size
+    ax.scatter(result.bits[:n], result.losses[:n], s=36, c="tab:blue", label="pool", alpha=0.6)
+    ax.scatter(
+        result.bits[n:], result.losses[n:], s=36, c="tab:orange", marker="^", label="proposals"
+    )
+    ax.scatter(
+        [result.bits[i] for i in result.kept],
+        [result.losses[i] for i in result.kept],
+        s=90,
+        facecolors="none",
+        edgecolors="black",
+        label="next training set",
+    )
+    ax.set_xlabel("average bits per parameter")
+    ax.set_ylabel("held-out loss")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=PLOT_DPI, format="png")
+    return path
