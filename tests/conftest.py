@@ -11,8 +11,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import importlib.resources  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+from coalora.quant import ErrorTable, config_space  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -46,3 +49,14 @@ def minilm_weights(minilm_model) -> dict[str, torch.Tensor]:
         for name, module in minilm_model.named_modules()
         if isinstance(module, torch.nn.Linear) and ".encoder.layer." in name
     }
+
+
+@pytest.fixture(scope="session")
+def table() -> ErrorTable:
+    """A synthetic error table: 4 matrices, all 432 NF options, error ∝ numel · 4^(−bits)."""
+    rng = np.random.default_rng(0)
+    options = config_space("nf")
+    numels = [4096, 4096, 16384, 16384]
+    bpp = np.array([o.bits_per_param for o in options])
+    errors = np.outer(numels, 4.0**-bpp) * rng.uniform(0.8, 1.2, (len(numels), len(options)))
+    return ErrorTable([f"m{i}" for i in range(4)], numels, options, torch.tensor(errors))

@@ -1,8 +1,6 @@
 """Training and evaluation configuration sets."""
 
-import numpy as np
 import pytest
-import torch
 
 from coalora.configs import (
     allocate,
@@ -13,17 +11,6 @@ from coalora.configs import (
     nearest_seen_config,
     unseen_config,
 )
-from coalora.quant import ErrorTable, config_space
-
-
-@pytest.fixture(scope="module")
-def table() -> ErrorTable:
-    rng = np.random.default_rng(0)
-    options = config_space("nf")
-    numels = [4096, 4096, 16384, 16384]
-    bpp = np.array([o.bits_per_param for o in options])
-    errors = np.outer(numels, 4.0**-bpp) * rng.uniform(0.8, 1.2, (len(numels), len(options)))
-    return ErrorTable([f"m{i}" for i in range(4)], numels, options, torch.tensor(errors))
 
 
 def test_budget_grid():

@@ -10,7 +10,7 @@ import torch
 
 from coalora.configs import allocate, config_bits
 from coalora.pareto import segmented_pareto_filter
-from coalora.quant import ErrorTable, config_space
+from coalora.quant import ErrorTable
 from coalora.search import (
     OptionGrid,
     ParetoGPSearch,
@@ -19,16 +19,6 @@ from coalora.search import (
     guided_walk,
     reference_point,
 )
-
-
-@pytest.fixture(scope="module")
-def table() -> ErrorTable:
-    rng = np.random.default_rng(0)
-    options = config_space("nf")
-    numels = [4096, 4096, 16384, 16384]
-    bpp = np.array([o.bits_per_param for o in options])
-    errors = np.outer(numels, 4.0**-bpp) * rng.uniform(0.8, 1.2, (len(numels), len(options)))
-    return ErrorTable([f"m{i}" for i in range(4)], numels, options, torch.tensor(errors))
 
 
 @pytest.fixture(scope="module")
