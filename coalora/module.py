@@ -51,7 +51,6 @@ class CoALoRAModule(L.LightningModule):
         self.train_configs: list[Choice] = [model.check_choice(c) for c in train_configs]
         self.val_configs: list[Choice] = [model.check_choice(c) for c in val_configs]
         self.val_metric = metric.clone()
-        self.metric_name = type(metric).__name__
         self.epoch_configs: list[Choice] = []  # the set the latest epoch trained on
         self.trained_configs: list[Choice] = []  # every configuration ever in a training set
         self.configs_per_step = configs_per_step

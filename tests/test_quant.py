@@ -6,7 +6,7 @@ import torch
 from coalora.quant import QuantConfig, config_space, int_codebook, nf_codebook, quantize
 from coalora.quant.codebook import decision_boundaries, level_grid
 from coalora.quant.errors import matrix_errors
-from coalora.quant.packing import pack, packed_nbytes, unpack
+from coalora.quant.packing import pack, unpack
 
 # QLoRA's published NF4 table (bitsandbytes, functional.py).
 QLORA_NF4 = [
@@ -76,7 +76,7 @@ def test_pack_roundtrip_and_size(bits):
     codes = torch.randint(0, 2**bits, (8 * 37,))
     packed = pack(codes, bits)
     assert packed.dtype == torch.uint8
-    assert packed.numel() == packed_nbytes(codes.numel(), bits) == codes.numel() * bits // 8
+    assert packed.numel() == codes.numel() * bits // 8
     assert torch.equal(unpack(packed, bits, codes.numel()), codes)
 
 

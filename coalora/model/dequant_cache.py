@@ -48,7 +48,3 @@ class DequantCache:
             self._entries[key] = value
             self.nbytes += size
         return value
-
-    def clear(self) -> None:
-        self._entries.clear()
-        self.nbytes = 0

@@ -5,11 +5,6 @@ from __future__ import annotations
 import torch
 
 
-def packed_nbytes(count: int, bits: int) -> int:
-    """Bytes that ``count`` codes of ``bits`` bits take once packed."""
-    return (count * bits + 7) // 8
-
-
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack a flat tensor of codes in ``[0, 2^bits)`` into a flat uint8 tensor.
 
