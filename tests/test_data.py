@@ -411,12 +411,31 @@ def test_datamodule_splits_and_batches(rte_module) -> None:
 def test_datamodule_is_seeded(rte_module) -> None:
     first = [b["labels"].tolist() for b in rte_module.train_dataloader()]
     assert first == [b["labels"].tolist() for b in rte_module.train_dataloader()]
-    batch, again = rte_module.heldout_batch(5), rte_module.heldout_batch(5)
-    assert batch.keys() == again.keys()
-    assert all(torch.equal(batch[k], again[k]) for k in batch)
-    assert batch["labels"].tolist() == rte_module.split("val")["labels"][:5]
-    with pytest.raises(ValueError, match="batch of 41 from 40"):
-        rte_module.heldout_batch(41)
+    batches, again = rte_module.heldout_batches(5, 2), rte_module.heldout_batches(5, 2)
+    assert [len(b["labels"]) for b in batches] == [2, 2, 1]
+    assert all(torch.equal(b[k], a[k]) for b, a in zip(batches, again, strict=True) for k in b)
+    with pytest.raises(ValueError, match="Cannot take 41 from 40"):
+        rte_module.heldout_batches(41, 8)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
+        rte_module.heldout_batches(5, 0)
+
+
+@needs_glue
+def test_heldout_and_eval_batches_are_length_sorted(rte_module) -> None:
+    val = rte_module.split("val")
+    lengths = [len(ids) for ids in val["input_ids"]]
+    batches = rte_module.heldout_batches(9, 4)
+    widths = [b["input_ids"].shape[1] for b in batches]
+    assert widths == sorted(widths)
+    # Each batch is as wide as its longest example and holds the first 9 examples, once each.
+    assert all(b["attention_mask"].sum(1).max() == b["input_ids"].shape[1] for b in batches)
+    held = sorted(lengths[:9])
+    assert [int(n) for b in batches for n in b["attention_mask"].sum(1)] == held
+    assert sorted(sum((b["labels"].tolist() for b in batches), [])) == sorted(val["labels"][:9])
+    test_lengths = [
+        int(n) for b in rte_module.test_dataloader() for n in b["attention_mask"].sum(1)
+    ]
+    assert test_lengths == sorted(len(ids) for ids in rte_module.split("test")["input_ids"])
 
 
 @needs_glue
@@ -432,4 +451,4 @@ def test_datamodule_rejects_too_large_sizes() -> None:
     with pytest.raises(ValueError, match="Cannot take 300 samples from a split of 277"):
         module.setup()
     with pytest.raises(RuntimeError, match="setup"):
-        module.heldout_batch(1)
+        module.heldout_batches(1, 1)

