@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,20 +18,29 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from coalora.configs import (
+    EvalConfig,
     allocate,
     budget_grid,
+    config_bits,
     evaluation_configs,
     initial_training_set,
     nearest_seen_config,
 )
 from coalora.data import TaskSpec, TextClassificationDataModule, build_metric
 from coalora.evaluation.evaluate import evaluate_configurations
-from coalora.evaluation.report import plot_metric_vs_bits, results_table, summarize, write_results
-from coalora.model.backbone import QuantizedLoRAModel
+from coalora.evaluation.report import (
+    SPLITS,
+    EvalRecord,
+    plot_metric_vs_bits,
+    results_table,
+    summarize,
+    write_results,
+)
+from coalora.model.backbone import Choice, QuantizedLoRAModel
 from coalora.model.hub import load_classifier, package_path
-from coalora.model.targets import find_targets
+from coalora.model.targets import find_targets, target_weights
 from coalora.module import CoALoRAModule
-from coalora.quant import cached_error_table, diagonal_fisher
+from coalora.quant import ErrorTable, cached_error_table, diagonal_fisher
 
 log = logging.getLogger(__name__)
 OmegaConf.register_new_resolver("package_path", package_path, replace=True)
@@ -65,30 +76,111 @@ def estimate_fisher(
     return diagonal_fisher(backbone, weights, batches)
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
-    """Train, evaluate at every budget, write the reports; returns the summary."""
-    out_dir = Path(cfg.paths.output_dir)
-    L.seed_everything(cfg.seed, workers=True)
-    task = TaskSpec(**OmegaConf.to_container(cfg.task, resolve=True))
-    datamodule: TextClassificationDataModule = instantiate(cfg.data, _partial_=True)(task=task)
-    datamodule.setup()
+def load_error_table(cfg: DictConfig, datamodule: TextClassificationDataModule) -> ErrorTable:
+    """The pre-trained model's error table (cached on disk, DESIGN §3)."""
     backbone = load_classifier(cfg.model.name_or_path, datamodule.num_labels)
     fisher = estimate_fisher(cfg, backbone, datamodule)
-    model = build_model(cfg, backbone)
-    table = cached_error_table(
-        model.frozen_weights(), cfg.quant.fmt, cfg.paths.cache_dir, cfg.model.name, fisher
-    )
-    train_configs = initial_training_set(table, budget_grid(**cfg.search.initial_budgets))
-    log.info("%d training configurations", len(train_configs))
+    weights = target_weights(backbone, find_targets(backbone, cfg.model.module_types))
+    return cached_error_table(weights, cfg.quant.fmt, cfg.paths.cache_dir, cfg.model.name, fisher)
+
+
+@dataclass(frozen=True)
+class TrainingRun:
+    """One fit: its initial training configurations and, for per-budget methods, the budget
+    it serves (evaluated on its own allocation only)."""
+
+    name: str
+    train_configs: list[Choice]
+    budget: float | None = None
+
+
+TRAINING_SETS = ("grid", "budgets", "per_budget")
+
+
+def training_runs(cfg: DictConfig, table: ErrorTable) -> list[TrainingRun]:
+    """The fits a method needs (DESIGN §7), from ``method.training_set``:
+
+    - ``grid``: one run on the allocations of ``search.initial_budgets`` (CoA-LoRA; the
+      search, if any, changes the set between epochs);
+    - ``budgets``: one run on the allocations of ``method.train_budgets`` (Shared-LoRA);
+    - ``per_budget``: one run per evaluation budget, on that budget's allocation only
+      (QLoRA, LQ-LoRA), written to ``budget_<b>/``.
+    """
+    method = cfg.method
+    if method.training_set not in TRAINING_SETS:
+        raise ValueError(
+            f"method.training_set={method.training_set!r}; choose one of {TRAINING_SETS}"
+        )
+    if method.training_set != "grid" and cfg.search.get("callback"):
+        raise ValueError(
+            f"method={method.name} trains a fixed set of configurations; run it with "
+            f"search=frozen, not search={cfg.search.name}"
+        )
+    if method.training_set == "grid":
+        return [
+            TrainingRun("", initial_training_set(table, budget_grid(**cfg.search.initial_budgets)))
+        ]
+    if method.training_set == "budgets":
+        return [TrainingRun("", initial_training_set(table, list(method.train_budgets)))]
+    return [TrainingRun(f"budget_{b}", [allocate(table, b)], float(b)) for b in cfg.eval.budgets]
+
+
+def init_lora(
+    cfg: DictConfig, model: QuantizedLoRAModel, table: ErrorTable, run: TrainingRun
+) -> None:
+    """``method.lora_init``: ``standard`` (B = 0) or ``svd`` (LQ-LoRA, ``method.svd_iterations``
+    rounds) at the run's own allocation, or at ``method.svd_reference_budget`` for runs that
+    train several configurations."""
     if cfg.method.lora_init == "svd":
-        model.init_lora_from_residual(allocate(table, cfg.method.svd_reference_budget))
+        choice = (
+            run.train_configs[0]
+            if run.budget is not None
+            else allocate(table, cfg.method.svd_reference_budget)
+        )
+        model.init_lora_from_residual(choice, cfg.method.svd_iterations)
     elif cfg.method.lora_init != "standard":
         raise ValueError(f"method.lora_init={cfg.method.lora_init!r}; choose 'standard' or 'svd'")
-    val_configs = [nearest_seen_config(table, b, train_configs) for b in cfg.eval.val_budgets]
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What one fit produced."""
+
+    run: TrainingRun
+    records: list[EvalRecord]
+    train_seconds: float
+    eval_seconds: float
+    trainable_parameters: dict[str, int]
+    training_configurations: int
+    configurations_trained_on: int
+
+
+def fit_and_evaluate(
+    cfg: DictConfig,
+    run: TrainingRun,
+    task: TaskSpec,
+    datamodule: TextClassificationDataModule,
+    table: ErrorTable,
+) -> RunResult:
+    """Train one run and evaluate it: at every budget on unseen and seen configurations, or,
+    for a per-budget run, on its own allocation. Training time counts the LoRA initialisation,
+    the fit and the search; loggers, checkpoints and search reports go to the run's folder."""
+    if run.name:
+        cfg = copy.deepcopy(cfg)
+        cfg.paths.output_dir = str(Path(cfg.paths.output_dir) / run.name)
+    L.seed_everything(cfg.seed, workers=True)
+    model = build_model(cfg, load_classifier(cfg.model.name_or_path, datamodule.num_labels))
+    start = time.perf_counter()
+    init_lora(cfg, model, table, run)
+    val_configs = (
+        run.train_configs
+        if run.budget is not None
+        else [nearest_seen_config(table, b, run.train_configs) for b in cfg.eval.val_budgets]
+    )
     module = CoALoRAModule(
         model,
         optimizer=instantiate(cfg.method.optimizer),
-        train_configs=train_configs,
+        train_configs=run.train_configs,
         val_configs=val_configs,
         metric=build_metric(task),
         configs_per_step=cfg.method.configs_per_step,
@@ -97,20 +189,22 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     if cfg.search.get("callback"):
-        search = instantiate(cfg.search.strategy, _partial_=True)(table, train_configs)
+        search = instantiate(cfg.search.strategy, _partial_=True)(table, run.train_configs)
         callbacks.insert(0, instantiate(cfg.search.callback, _partial_=True)(search))
     trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-
-    start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     train_seconds = time.perf_counter() - start
 
     start = time.perf_counter()
-    configs = evaluation_configs(
-        table, cfg.eval.budgets, module.epoch_configs, module.trained_configs
-    )
+    if run.budget is None:
+        configs = evaluation_configs(
+            table, cfg.eval.budgets, module.epoch_configs, module.trained_configs
+        )
+    else:
+        choice = run.train_configs[0]
+        configs = [EvalConfig(run.budget, "seen", choice, config_bits(table, choice))]
     records = evaluate_configurations(
         model,
         datamodule.test_dataloader(),
@@ -120,46 +214,109 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         task.metric,
     )
     eval_seconds = time.perf_counter() - start
+    for lg in loggers:
+        log_to_wandb(lg, records)
+    return RunResult(
+        run,
+        records,
+        train_seconds,
+        eval_seconds,
+        model.trainable_parameter_counts(),
+        len(module.epoch_configs),
+        len(module.trained_configs),
+    )
 
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Train every run of the method, evaluate, write the reports; returns the summary."""
+    out_dir = Path(cfg.paths.output_dir)
+    L.seed_everything(cfg.seed, workers=True)
+    task = TaskSpec(**OmegaConf.to_container(cfg.task, resolve=True))
+    datamodule: TextClassificationDataModule = instantiate(cfg.data, _partial_=True)(task=task)
+    datamodule.setup()
+    table = load_error_table(cfg, datamodule)
+    runs = training_runs(cfg, table)
+    log.info("%d run(s); first trains %d configurations", len(runs), len(runs[0].train_configs))
+    if cfg.ckpt_path and len(runs) > 1:
+        raise ValueError(
+            f"ckpt_path resumes one run, but method={cfg.method.name} trains {len(runs)}: "
+            "resume one budget at a time with eval.budgets=[<budget>]"
+        )
+    results = [fit_and_evaluate(cfg, run, task, datamodule, table) for run in runs]
+    records = [r for result in results for r in result.records]
+    summary = write_reports(cfg, task, results, out_dir)
+    Console().print(results_table(records))
+    Console().print(
+        f"hypervolume ({summary['compared_split']}) {summary['hv']:.4f} · "
+        f"train {summary['train_seconds']:.0f} s · eval {summary['eval_seconds']:.0f} s · "
+        f"outputs {out_dir}"
+    )
+    return summary
+
+
+def write_reports(
+    cfg: DictConfig, task: TaskSpec, results: list[RunResult], out_dir: Path
+) -> dict[str, Any]:
+    """``eval/results.{csv,json}``, ``eval/accuracy_vs_bits.png`` and ``summary.json``.
+
+    The summary's ``hv`` is the hypervolume of the split methods are compared on: ``unseen``
+    configurations for one-run methods, each budget's own allocation (``seen``) for
+    per-budget methods. ``train_seconds`` is the total over runs, the cost of serving every
+    evaluation budget.
+    """
+    records = [r for result in results for r in result.records]
     eval_dir = out_dir / "eval"
     write_results(records, eval_dir)
-    plot = plot_metric_vs_bits(
+    plot_metric_vs_bits(
         records, eval_dir / "accuracy_vs_bits.png", title=f"{task.name} · {cfg.model.name}"
     )
+    per_budget = results[0].run.budget is not None
+    split = "seen" if per_budget else "unseen"
+    summaries = {
+        s: summarize(records, s)[cfg.method.name]
+        for s in SPLITS
+        if any(r.split == s for r in records)
+    }
     summary = {
         "method": cfg.method.name,
         "task": task.name,
         "model": cfg.model.name,
         "quant": cfg.quant.fmt,
-        "hypervolume": {
-            split: summarize(records, split)[cfg.method.name]["hv"] for split in ("unseen", "seen")
-        },
-        "train_seconds": train_seconds,
-        "eval_seconds": eval_seconds,
-        "trainable_parameters": model.trainable_parameter_counts(),
-        "training_configurations": len(module.epoch_configs),
-        "configurations_trained_on": len(module.trained_configs),
+        "compared_split": split,
+        "hv": summaries[split]["hv"],
+        "metric": task.metric,
+        "values": summaries[split]["values"],
+        "hypervolume": {s: v["hv"] for s, v in summaries.items()},
+        "train_seconds": sum(r.train_seconds for r in results),
+        "eval_seconds": sum(r.eval_seconds for r in results),
+        "runs": [
+            {
+                "name": r.run.name,
+                "budget": r.run.budget,
+                "train_seconds": r.train_seconds,
+                "eval_seconds": r.eval_seconds,
+                "training_configurations": r.training_configurations,
+                "configurations_trained_on": r.configurations_trained_on,
+            }
+            for r in results
+        ],
+        "trainable_parameters": results[0].trainable_parameters,
         "results": [r.__dict__ for r in records],
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    for lg in loggers:
-        log_to_wandb(lg, records, plot)
-    Console().print(results_table(records))
-    Console().print(
-        f"hypervolume (unseen) {summary['hypervolume']['unseen']:.4f} · "
-        f"train {train_seconds:.0f} s · eval {eval_seconds:.0f} s · outputs {out_dir}"
-    )
     return summary
 
 
-def log_to_wandb(logger: Any, records, plot: Path) -> None:
-    """Results table and plot to W&B (no-op for other loggers)."""
+def log_to_wandb(logger: Any, records: list[EvalRecord]) -> None:
+    """Results table and metric-vs-bits plot of one run to W&B, then close the W&B run so a
+    next run of a per-budget method starts its own (no-op for other loggers)."""
     from lightning.pytorch.loggers import WandbLogger
 
     if not isinstance(logger, WandbLogger):
         return
     import wandb
 
+    plot = plot_metric_vs_bits(records, Path(logger.save_dir) / "accuracy_vs_bits.png")
     columns = list(records[0].__dict__)
     logger.experiment.log(
         {
@@ -169,12 +326,13 @@ def log_to_wandb(logger: Any, records, plot: Path) -> None:
             "eval/accuracy_vs_bits": wandb.Image(str(plot)),
         }
     )
+    logger.experiment.finish()
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float:
     torch.set_float32_matmul_precision("high")
-    return train(cfg)["hypervolume"]["unseen"]
+    return train(cfg)["hv"]
 
 
 if __name__ == "__main__":

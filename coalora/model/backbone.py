@@ -141,11 +141,27 @@ class QuantizedLoRAModel(nn.Module):
             layer.adjustment = None if adjustments is None else adjustments[i]
         return self.model(**batch)
 
-    def init_lora_from_residual(self, choice: Sequence[int]) -> None:
-        """LQ-LoRA init of every adapter from ``W − Q(W)`` under the configuration ``choice``."""
+    def init_lora_from_residual(self, choice: Sequence[int], iterations: int = 1) -> None:
+        """LQ-LoRA initialisation of every adapter for the configuration ``choice``.
+
+        Round t quantizes ``W − L_{t−1}`` (``L_0 = 0``) to ``Q_t`` and sets the adapter
+        ``L_t = scale · B A`` to the rank-r SVD of ``W − Q_t``, so ``W ≈ Q_t + L_t``. One round
+        is the SVD of ``W − Q(W)``. With more rounds, the layer keeps ``Q_T`` as its quantized
+        weight: from then on it quantizes ``W − L_{T−1}`` instead of ``W`` (for every option;
+        the dequantization cache is emptied).
+        """
+        if iterations < 1:
+            raise ValueError(f"iterations must be >= 1, got {iterations}")
         choice = self.check_choice(choice)
-        for i, (layer, option) in enumerate(zip(self.layers, choice, strict=True)):
-            layer.init_from_residual(layer.weight - self.dequantized(i, option))
+        with torch.no_grad():
+            for layer, option in zip(self.layers, choice, strict=True):
+                original = layer.weight.clone()
+                for t in range(iterations):
+                    if t:
+                        layer.weight.copy_(original - layer.scale * layer.lora_B @ layer.lora_A)
+                    q = quantize(layer.weight, self.options[option]).dequantize()
+                    layer.init_from_residual(original - q)
+        self.cache.clear()
 
     def trainable_parameter_counts(self) -> dict[str, int]:
         """Trainable parameters by part: LoRA factors, θ, task head."""

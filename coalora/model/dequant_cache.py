@@ -48,3 +48,8 @@ class DequantCache:
             self._entries[key] = value
             self.nbytes += size
         return value
+
+    def clear(self) -> None:
+        """Drop every entry (after the weights they were built from change)."""
+        self._entries.clear()
+        self.nbytes = 0
