@@ -9,7 +9,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export OMP_NUM_THREADS ?= 2
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install test test-slow lint bench demo clean
+.PHONY: install test test-slow lint bench demo compare clean
 
 install: $(STAMP)
 
@@ -37,6 +37,16 @@ bench: install
 # The main job: CoA-LoRA on the embedded MiniLM and movie-review data, then the evaluation table.
 demo: install
 	WANDB_MODE=disabled $(BIN)/python -m coalora.run experiment=demo
+
+# The four methods side by side (experiments/compare.py) with MiniLM: SST-2 and RTE with NF,
+# SST-2 with integer quantization. Reports go to experiments/results/<task>-minilm-<quant>/.
+COALORA_GLUE_DIR ?= ../shared/data/glue
+COMPARE := WANDB_MODE=disabled OMP_NUM_THREADS=1 COALORA_GLUE_DIR=$(COALORA_GLUE_DIR) \
+	$(BIN)/python experiments/compare.py experiment=compare_minilm
+compare: install
+	$(COMPARE) task=sst2 quant=nf
+	$(COMPARE) task=rte quant=nf data.max_train_samples=null
+	$(COMPARE) task=sst2 quant=int
 
 clean:
 	rm -rf outputs multirun wandb lightning_logs .pytest_cache .ruff_cache
