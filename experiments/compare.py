@@ -24,10 +24,12 @@ from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from omegaconf import OmegaConf
 
 METHODS = ("qlora", "lqlora", "shared", "coalora")
 LABELS = {"qlora": "QLoRA", "lqlora": "LQ-LoRA", "shared": "Shared-LoRA", "coalora": "CoA-LoRA"}
+SCORED_ON = {"seen": "own allocation", "unseen": "unseen configurations"}
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -161,6 +163,7 @@ def plot_lines(
     ylabel: str,
     title: str,
     path: Path,
+    integer_x: bool = False,
 ) -> None:
     """One line with markers per label."""
     fig = Figure(figsize=(6.4, 4.4))
@@ -168,6 +171,8 @@ def plot_lines(
     ax = fig.add_subplot()
     for label, (xs, ys) in lines.items():
         ax.plot(xs, ys, marker="o", label=label)
+    if integer_x:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -181,7 +186,10 @@ def plot_comparison(comparison: dict, setup: dict, out_dir: Path) -> None:
     """``metric_vs_bits.png`` and ``time_vs_budgets.png``."""
     title = f"{setup['task']} · {setup['model']} · {setup['quant']}"
     metric = {
-        f"{LABELS[m]} ({c['split']})": (list(c["avg_bits"].values()), list(c["metric"].values()))
+        f"{LABELS[m]} ({SCORED_ON[c['split']]})": (
+            list(c["avg_bits"].values()),
+            list(c["metric"].values()),
+        )
         for m, c in comparison.items()
     }
     plot_lines(
@@ -200,6 +208,7 @@ def plot_comparison(comparison: dict, setup: dict, out_dir: Path) -> None:
         "cumulative training time (min)",
         title,
         out_dir / "time_vs_budgets.png",
+        integer_x=True,
     )
 
 
