@@ -14,6 +14,7 @@ import hydra
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
@@ -142,6 +143,33 @@ def init_lora(
         raise ValueError(f"method.lora_init={cfg.method.lora_init!r}; choose 'standard' or 'svd'")
 
 
+def make_trainer(
+    cfg: DictConfig, table: ErrorTable, run: TrainingRun
+) -> tuple[L.Trainer, list[Logger]]:
+    """The trainer with the configured loggers and callbacks (the search callback first)."""
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    if cfg.search.get("callback"):
+        search = instantiate(cfg.search.strategy, _partial_=True)(table, run.train_configs)
+        callbacks.insert(0, instantiate(cfg.search.callback, _partial_=True)(search))
+    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    for lg in loggers:
+        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    return trainer, loggers
+
+
+def run_evaluation_configs(
+    cfg: DictConfig, table: ErrorTable, run: TrainingRun, module: CoALoRAModule
+) -> list[EvalConfig]:
+    """Unseen and seen configurations at every budget; a per-budget run's own allocation."""
+    if run.budget is None:
+        return evaluation_configs(
+            table, cfg.eval.budgets, module.epoch_configs, module.trained_configs
+        )
+    choice = run.train_configs[0]
+    return [EvalConfig(run.budget, "seen", choice, config_bits(table, choice))]
+
+
 @dataclass(frozen=True)
 class RunResult:
     """What one fit produced."""
@@ -186,36 +214,22 @@ def fit_and_evaluate(
         configs_per_step=cfg.method.configs_per_step,
         seed=cfg.seed,
     )
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
-    if cfg.search.get("callback"):
-        search = instantiate(cfg.search.strategy, _partial_=True)(table, run.train_configs)
-        callbacks.insert(0, instantiate(cfg.search.callback, _partial_=True)(search))
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
-    for lg in loggers:
-        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    trainer, loggers = make_trainer(cfg, table, run)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     train_seconds = time.perf_counter() - start
 
     start = time.perf_counter()
-    if run.budget is None:
-        configs = evaluation_configs(
-            table, cfg.eval.budgets, module.epoch_configs, module.trained_configs
-        )
-    else:
-        choice = run.train_configs[0]
-        configs = [EvalConfig(run.budget, "seen", choice, config_bits(table, choice))]
     records = evaluate_configurations(
         model,
         datamodule.test_dataloader(),
         build_metric(task),
-        configs,
+        run_evaluation_configs(cfg, table, run, module),
         cfg.method.name,
         task.metric,
     )
     eval_seconds = time.perf_counter() - start
     for lg in loggers:
-        log_to_wandb(lg, records)
+        log_to_wandb(lg, records, Path(cfg.paths.output_dir) / "eval")
     return RunResult(
         run,
         records,
@@ -307,16 +321,14 @@ def write_reports(
     return summary
 
 
-def log_to_wandb(logger: Any, records: list[EvalRecord]) -> None:
+def log_to_wandb(logger: Logger, records: list[EvalRecord], eval_dir: Path) -> None:
     """Results table and metric-vs-bits plot of one run to W&B, then close the W&B run so a
     next run of a per-budget method starts its own (no-op for other loggers)."""
-    from lightning.pytorch.loggers import WandbLogger
-
     if not isinstance(logger, WandbLogger):
         return
     import wandb
 
-    plot = plot_metric_vs_bits(records, Path(logger.save_dir) / "accuracy_vs_bits.png")
+    plot = plot_metric_vs_bits(records, eval_dir / "accuracy_vs_bits.png")
     columns = list(records[0].__dict__)
     logger.experiment.log(
         {
