@@ -7,6 +7,7 @@ and ``<out>/time_vs_budgets.png``. Every argument that is not an option is a Hyd
     python experiments/compare.py experiment=compare_minilm task=sst2 quant=nf
     python experiments/compare.py experiment=compare_minilm task=sst2 seed=0,1   # two seeds
     python experiments/compare.py --collect multirun/compare-sst2-minilm-nf       # report only
+    python experiments/compare.py --collect <seed-0 sweep> <seed-1 sweep>        # seeds pooled
 
 The default output folder is ``experiments/results/<task>-<model>-<quant>``.
 """
@@ -18,7 +19,7 @@ import json
 import statistics
 import subprocess
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -48,10 +49,12 @@ def run_sweep(overrides: list[str], sweep_dir: Path) -> None:
     subprocess.run(command, check=True)
 
 
-def load_runs(sweep_dir: Path) -> list[dict[str, Any]]:
-    """Every finished job of a sweep: its summary, composed config and group choices."""
+def load_runs(*sweep_dirs: Path) -> list[dict[str, Any]]:
+    """Every finished job of the sweeps: its summary, composed config, group choices and
+    command-line overrides."""
     runs = []
-    for summary_path in sorted(sweep_dir.glob("*/summary.json")):
+    paths = [p for d in sweep_dirs for p in sorted(Path(d).glob("*/summary.json"))]
+    for summary_path in paths:
         job = summary_path.parent
         hydra = OmegaConf.load(job / ".hydra" / "hydra.yaml").hydra
         runs.append(
@@ -63,7 +66,9 @@ def load_runs(sweep_dir: Path) -> list[dict[str, Any]]:
             }
         )
     if not runs:
-        raise FileNotFoundError(f"no finished job (*/summary.json) under {sweep_dir}")
+        raise FileNotFoundError(
+            f"no finished job (*/summary.json) under {', '.join(map(str, sweep_dirs))}"
+        )
     return runs
 
 
@@ -104,6 +109,10 @@ def setup_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def compare(runs: list[dict[str, Any]], budgets: list[float]) -> dict[str, dict[str, Any]]:
     """Per method, means over seeds: ``hv``, ``total_time_s``, the metric and average bits per
     budget, the cumulative training time per number of budgets served, and per-seed values."""
+    jobs = Counter((r["summary"]["method"], r["config"].seed) for r in runs)
+    repeated = sorted(job for job, n in jobs.items() if n > 1)
+    if repeated:
+        raise ValueError(f"(method, seed) jobs found more than once: {repeated}")
     by_method: dict[str, list[dict]] = defaultdict(list)
     for r in runs:
         by_method[r["summary"]["method"]].append(r["summary"])
@@ -278,21 +287,28 @@ def write_report(runs: list[dict[str, Any]], out_dir: Path, command: str) -> dic
     return summary
 
 
+def default_sweep_dir(overrides: list[str]) -> Path:
+    """``multirun/compare-<task>-<quant>-<seed>`` from the overrides (``default`` if unset)."""
+    choices = dict(o.split("=", 1) for o in overrides if "=" in o)
+    tag = "-".join(choices.get(k, "default") for k in ("task", "quant", "seed"))
+    return Path("multirun") / f"compare-{tag}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of every job")
-    parser.add_argument("--collect", type=Path, help="report on a finished sweep; train nothing")
+    parser.add_argument(
+        "--collect", type=Path, nargs="+", help="report on finished sweeps; train nothing"
+    )
     parser.add_argument("--sweep-dir", type=Path, help="where the jobs run (default: multirun/)")
     parser.add_argument("--out", type=Path, help="report folder (default: results/<name>)")
     args = parser.parse_args()
-    sweep_dir = args.collect or args.sweep_dir
-    if sweep_dir is None:
-        choices = dict(o.split("=", 1) for o in args.overrides if "=" in o)
-        tag = "-".join(choices.get(k, "default") for k in ("task", "model", "quant"))
-        sweep_dir = Path("multirun") / f"compare-{tag}"
-    if not args.collect:
+    if args.collect:
+        runs = load_runs(*args.collect)
+    else:
+        sweep_dir = args.sweep_dir or default_sweep_dir(args.overrides)
         run_sweep(args.overrides, sweep_dir)
-    runs = load_runs(sweep_dir)
+        runs = load_runs(sweep_dir)
     setup = setup_of(runs)
     out = args.out or RESULTS / f"{setup['task']}-{setup['model']}-{setup['quant']}"
     summary = write_report(runs, out, command_of(runs))

@@ -105,5 +105,7 @@ def test_report_rejects_mixed_or_incomplete_sweeps(sweep, tmp_path):
     runs = [r for r in compare.load_runs(sweep) if r["summary"]["method"] != "shared"]
     with pytest.raises(ValueError, match=r"lacks methods \['shared'\]"):
         compare.compare(runs, BUDGETS)
+    with pytest.raises(ValueError, match=r"more than once: \[\('coalora', 0\)"):
+        compare.compare(compare.load_runs(sweep, sweep), BUDGETS)
     with pytest.raises(FileNotFoundError, match="no finished job"):
         compare.load_runs(tmp_path / "empty")
