@@ -2,9 +2,10 @@
 
 Expects Hydra multirun folders of `python -m coalora.run --multirun search=pareto_gp,random,frozen
 seed=...`, each run holding `summary.json` and, for searching runs, `config_set/epoch_<k>.json`.
+``--cost-run`` adds the search time per epoch of one more searching run (e.g. a larger one).
 
-    python experiments/collect_search_ablation.py /tmp/abl/seed0 /tmp/abl/seed1 \\
-        --out experiments/results/search-ablation-sst2-minilm
+    python experiments/collect_search_ablation.py multirun/ablation \\
+        --cost-run outputs/<run> --out experiments/results/search-ablation-sst2-minilm
 """
 
 from __future__ import annotations
@@ -23,26 +24,74 @@ BUDGETS = (2.5, 3.0, 3.5, 4.0)
 
 
 def load_run(run_dir: Path) -> dict:
-    overrides = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    config = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
     summary = json.loads((run_dir / "summary.json").read_text())
     rounds = [json.loads(p.read_text()) for p in sorted(run_dir.glob("config_set/epoch_*.json"))]
     search_seconds = sum(r["seconds"] for r in rounds)
-    epochs = overrides.trainer.max_epochs
+    epochs = config.trainer.max_epochs
     unseen = {r["target_budget"]: r["value"] for r in summary["results"] if r["split"] == "unseen"}
     return {
-        "search": overrides.search.name,
-        "seed": overrides.seed,
+        "search": config.search.name,
+        "seed": config.seed,
         "unseen": {b: unseen[b] for b in BUDGETS},
         "hv": summary["hypervolume"]["unseen"],
         "search_seconds_per_epoch": search_seconds / epochs,
         "train_seconds_per_epoch": (summary["train_seconds"] - search_seconds) / epochs,
-        "final_set_size": summary["training_configurations"],
+        "round_seconds": [r["seconds"] for r in rounds],
+        "setup": {
+            "train_samples": config.data.max_train_samples,
+            "epochs": epochs,
+            "batch_size": config.data.batch_size,
+            "max_length": config.data.max_length,
+            "heldout_size": config.search.get("heldout_size"),
+            "num_proposals": config.search.get("num_proposals"),
+            "max_acq_evals": config.search.get("max_acq_evals"),
+            "test_samples": summary["results"][0]["num_samples"],
+        },
     }
+
+
+def header(runs: list[dict], sweeps: list[Path]) -> list[str]:
+    setup = next(r["setup"] for r in runs if r["search"] == "pareto_gp")
+    seeds = ", ".join(str(s) for s in sorted({r["seed"] for r in runs}))
+    return [
+        "# Search ablation: SST-2, MiniLM, NF",
+        "",
+        f"Collected from {', '.join(map(str, sweeps))} by "
+        "`experiments/collect_search_ablation.py`.",
+        "",
+        f"Setup: {setup['train_samples']} training sentences, {setup['epochs']} epochs (a search "
+        f"after each), seeds {seeds}, batch {setup['batch_size']}, max length "
+        f"{setup['max_length']}; search: {setup['num_proposals']} proposals, "
+        f"{setup['max_acq_evals']} acquisition evaluations, {setup['heldout_size']} held-out "
+        f"sentences; test set: {setup['test_samples']} dev sentences. Accuracy is on unseen "
+        "configurations; HV is the unseen hypervolume (bits over [2, 8], reference (8, 0)). "
+        '"search / train" is search seconds over the rest of the training seconds of the '
+        "same runs.",
+        "",
+    ]
+
+
+def cost_section(run: dict, run_dir: Path) -> list[str]:
+    rounds = ", ".join(f"{s:.1f}" for s in run["round_seconds"])
+    fraction = run["search_seconds_per_epoch"] / run["train_seconds_per_epoch"]
+    return [
+        "",
+        f"## Search cost at {run['setup']['train_samples']} training sentences per epoch",
+        "",
+        f"Run `{run_dir}` (search={run['search']}, seed {run['seed']}, "
+        f"{run['setup']['epochs']} epochs): search rounds took {rounds} s; training took "
+        f"{run['train_seconds_per_epoch']:.1f} s per epoch besides the search: "
+        f"**{fraction:.1%}** of the training time. Unseen accuracy at "
+        + ", ".join(f"{b:g}: {run['unseen'][b]:.4f}" for b in BUDGETS)
+        + f"; HV {run['hv']:.4f}.",
+    ]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sweeps", nargs="+", type=Path)
+    parser.add_argument("--cost-run", type=Path, help="one more searching run to time")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     runs = [load_run(p.parent) for sweep in args.sweeps for p in sweep.glob("*/summary.json")]
@@ -50,7 +99,7 @@ def main() -> None:
     for run in sorted(runs, key=lambda r: (r["search"], r["seed"])):
         by_search[run["search"]].append(run)
 
-    lines = [
+    lines = header(runs, args.sweeps) + [
         "| search | seeds | " + " | ".join(f"acc@{b:g}" for b in BUDGETS) + " | HV (unseen) |"
         " search s/epoch | train s/epoch | search / train |",
         "|---" * (len(BUDGETS) + 6) + "|",
@@ -74,6 +123,10 @@ def main() -> None:
                 + f" | {r['hv']:.4f} | {r['search_seconds_per_epoch']:.1f} | "
                 f"{r['train_seconds_per_epoch']:.1f} | |"
             )
+    if args.cost_run:
+        cost = load_run(args.cost_run)
+        summary["search_cost_run"] = cost
+        lines += cost_section(cost, args.cost_run)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "report.md").write_text("\n".join(lines) + "\n")
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -81,7 +134,8 @@ def main() -> None:
     fig = Figure(figsize=(6.4, 4.0))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    for search, entry in summary.items():
+    for search in by_search:
+        entry = summary[search]
         ax.plot(BUDGETS, [entry["mean_unseen"][b] for b in BUDGETS], marker="o", label=search)
     ax.set(xlabel="average bits (unseen configurations)", ylabel="accuracy (mean over seeds)")
     ax.grid(alpha=0.3)
