@@ -72,6 +72,13 @@ def header(runs: list[dict], sweeps: list[Path]) -> list[str]:
     ]
 
 
+def command_of(run_dir: Path) -> str:
+    """The run's command line, less machine-specific path and Hydra overrides."""
+    overrides = OmegaConf.load(run_dir / ".hydra" / "overrides.yaml")
+    kept = [o for o in overrides if not o.startswith(("paths.", "hydra."))]
+    return " ".join(["python -m coalora.run", *kept])
+
+
 def cost_section(run: dict, run_dir: Path) -> list[str]:
     rounds = ", ".join(f"{s:.1f}" for s in run["round_seconds"])
     fraction = run["search_seconds_per_epoch"] / run["train_seconds_per_epoch"]
@@ -79,7 +86,7 @@ def cost_section(run: dict, run_dir: Path) -> list[str]:
         "",
         f"## Search cost at {run['setup']['train_samples']} training sentences per epoch",
         "",
-        f"Run `{run_dir}` (search={run['search']}, seed {run['seed']}, "
+        f"`{command_of(run_dir)}` (search={run['search']}, seed {run['seed']}, "
         f"{run['setup']['epochs']} epochs): search rounds took {rounds} s; training took "
         f"{run['train_seconds_per_epoch']:.1f} s per epoch besides the search: "
         f"**{fraction:.1%}** of the training time. Unseen accuracy at "
