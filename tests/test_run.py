@@ -218,3 +218,22 @@ def test_shared_lora_trains_its_fixed_budgets_without_theta(glue_overrides, tmp_
     assert summary["compared_split"] == "unseen" and len(summary["values"]) == 6
     with pytest.raises(ValueError, match="method=shared trains a fixed set.*search=frozen"):
         run([*glue_overrides, "method=shared", "search=random"], tmp_path / "bad")
+
+
+def test_training_runs_follow_the_method(table):
+    from coalora.run import training_runs
+
+    def runs(*overrides):
+        return training_runs(compose_config(["debug=fast", *overrides]), table)
+
+    (coalora,) = runs("method=coalora")
+    assert coalora.budget is None and len(coalora.train_configs) >= 2
+    (shared,) = runs("method=shared")
+    assert shared.train_configs == [allocate(table, b) for b in (2.5, 3.0, 3.5, 4.0)]
+    per_budget = runs("method=qlora")
+    assert [r.name for r in per_budget] == [f"budget_{b}" for b in (2.5, 3.0, 3.5, 4.0, 5.0, 6.0)]
+    assert all(r.train_configs == [allocate(table, r.budget)] for r in per_budget)
+    with pytest.raises(ValueError, match=r"method.training_set='all'; choose one of"):
+        runs("method.training_set=all")
+    with pytest.raises(ValueError, match="method=qlora trains a fixed set.*not search=pareto_gp"):
+        runs("method=qlora", "search=pareto_gp")
