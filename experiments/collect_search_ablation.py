@@ -51,14 +51,25 @@ def load_run(run_dir: Path) -> dict:
     }
 
 
-def header(runs: list[dict], sweeps: list[Path]) -> list[str]:
+def sweep_command(run_dirs: list[Path]) -> str:
+    """One multirun command line covering the runs (values of each override joined)."""
+    values: dict[str, list[str]] = defaultdict(list)
+    for run_dir in run_dirs:
+        for override in OmegaConf.load(run_dir / ".hydra" / "overrides.yaml"):
+            key, value = override.split("=", 1)
+            if not key.startswith(("paths.", "hydra.")) and value not in values[key]:
+                values[key].append(value)
+    joined = [f"{key}={','.join(sorted(v))}" for key, v in values.items()]
+    return " ".join(["python -m coalora.run --multirun", *joined])
+
+
+def header(runs: list[dict], run_dirs: list[Path]) -> list[str]:
     setup = next(r["setup"] for r in runs if r["search"] == "pareto_gp")
     seeds = ", ".join(str(s) for s in sorted({r["seed"] for r in runs}))
     return [
         "# Search ablation: SST-2, MiniLM, NF",
         "",
-        f"Collected from {', '.join(map(str, sweeps))} by "
-        "`experiments/collect_search_ablation.py`.",
+        f"Command: `{sweep_command(run_dirs)}`, then `experiments/collect_search_ablation.py`.",
         "",
         f"Setup: {setup['train_samples']} training sentences, {setup['epochs']} epochs (a search "
         f"after each), seeds {seeds}, batch {setup['batch_size']}, max length "
@@ -69,6 +80,27 @@ def header(runs: list[dict], sweeps: list[Path]) -> list[str]:
         '"search / train" is search seconds over the rest of the training seconds of the '
         "same runs.",
         "",
+    ]
+
+
+def verdict(summary: dict, test_samples: int) -> list[str]:
+    """Which search has the best mean HV and the best mean accuracy per budget, next to the
+    test set's binomial standard error at the mean accuracy."""
+    best_hv = max(summary, key=lambda s: summary[s]["mean_hv"])
+    accuracies = [a for entry in summary.values() for a in entry["mean_unseen"].values()]
+    p = statistics.mean(accuracies)
+    stderr = (p * (1 - p) / test_samples) ** 0.5
+
+    def best_at(b: float) -> str:
+        top = max(entry["mean_unseen"][b] for entry in summary.values())
+        return " = ".join(s for s, entry in summary.items() if entry["mean_unseen"][b] == top)
+
+    per_budget = ", ".join(f"{b:g}: {best_at(b)}" for b in BUDGETS)
+    return [
+        "",
+        f"Best mean HV: **{best_hv}** ({summary[best_hv]['mean_hv']:.4f}). Best mean accuracy "
+        f"per budget: {per_budget}. One accuracy on {test_samples} test sentences has a "
+        f"standard error of about {stderr:.3f}.",
     ]
 
 
@@ -101,12 +133,13 @@ def main() -> None:
     parser.add_argument("--cost-run", type=Path, help="one more searching run to time")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    runs = [load_run(p.parent) for sweep in args.sweeps for p in sweep.glob("*/summary.json")]
+    run_dirs = [p.parent for sweep in args.sweeps for p in sorted(sweep.glob("*/summary.json"))]
+    runs = [load_run(d) for d in run_dirs]
     by_search: dict[str, list[dict]] = defaultdict(list)
     for run in sorted(runs, key=lambda r: (r["search"], r["seed"])):
         by_search[run["search"]].append(run)
 
-    lines = header(runs, args.sweeps) + [
+    lines = header(runs, run_dirs) + [
         "| search | seeds | " + " | ".join(f"acc@{b:g}" for b in BUDGETS) + " | HV (unseen) |"
         " search s/epoch | train s/epoch | search / train |",
         "|---" * (len(BUDGETS) + 6) + "|",
@@ -130,6 +163,7 @@ def main() -> None:
                 + f" | {r['hv']:.4f} | {r['search_seconds_per_epoch']:.1f} | "
                 f"{r['train_seconds_per_epoch']:.1f} | |"
             )
+    lines += verdict(summary, runs[0]["setup"]["test_samples"])
     if args.cost_run:
         cost = load_run(args.cost_run)
         summary["search_cost_run"] = cost
