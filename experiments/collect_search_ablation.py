@@ -94,7 +94,7 @@ def verdict(summary: dict, test_samples: int) -> list[str]:
     def best_at(b: float) -> str:
         top = max(entry["mean_unseen"][b] for entry in summary.values())
         return " = ".join(
-            s for s, entry in summary.items() if entry["mean_unseen"][b] >= top - 1e-9
+            s for s, entry in summary.items() if entry["mean_unseen"][b] >= top - 1e-6
         )
 
     per_budget = ", ".join(f"{b:g}: {best_at(b)}" for b in BUDGETS)
