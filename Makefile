@@ -40,12 +40,13 @@ demo: install
 
 # The four methods side by side (experiments/compare.py) with MiniLM: SST-2 and RTE with NF,
 # SST-2 with integer quantization. Reports go to experiments/results/<task>-minilm-<quant>/.
+# About 3 hours on a 2-core CPU (one thread per job; the three could run side by side).
 COALORA_GLUE_DIR ?= ../shared/data/glue
 COMPARE := WANDB_MODE=disabled OMP_NUM_THREADS=1 COALORA_GLUE_DIR=$(COALORA_GLUE_DIR) \
 	$(BIN)/python experiments/compare.py experiment=compare_minilm
 compare: install
 	$(COMPARE) task=sst2 quant=nf
-	$(COMPARE) task=rte quant=nf data.max_train_samples=null
+	$(COMPARE) task=rte quant=nf data.max_train_samples=1000
 	$(COMPARE) task=sst2 quant=int
 
 clean:
