@@ -241,7 +241,8 @@ def markdown(comparison: dict, setup: dict, command: str) -> str:
         "their training sets). HV: hypervolume of the (bits, metric) points, bits mapped from "
         "[2, 8] to [0, 1], reference point (8 bits, metric 0). Time: total training wall time "
         "to serve all budgets (per-budget methods: the sum of their runs), LoRA "
-        "initialisation and configuration search included, evaluation excluded.",
+        "initialisation and configuration search included, evaluation excluded; the jobs ran "
+        "one after another, so compare times within a report.",
         "",
         "| method | " + " | ".join(budgets) + " | HV | time (min) |",
         "|---" * (len(budgets) + 3) + "|",
