@@ -154,7 +154,7 @@ def cumulative_time(summaries: list[dict[str, Any]], budgets: list[float]) -> li
     first n per-budget runs, or the one run's time for methods that serve every budget."""
     series = []
     for s in summaries:
-        if len(s["runs"]) == 1 and s["runs"][0]["budget"] is None:
+        if s["runs"][0]["budget"] is None:  # one run serves every budget
             series.append([s["train_seconds"]] * len(budgets))
             continue
         seconds = {r["budget"]: r["train_seconds"] for r in s["runs"]}
@@ -221,6 +221,11 @@ def plot_comparison(comparison: dict, setup: dict, out_dir: Path) -> None:
     )
 
 
+def table_header(cells: list[str]) -> list[str]:
+    """A markdown table's header row and separator."""
+    return ["| " + " | ".join(cells) + " |", "|---" * len(cells) + "|"]
+
+
 def markdown(comparison: dict, setup: dict, command: str) -> str:
     budgets = [str(b) for b in setup["budgets"]]
     seeds = ", ".join(map(str, setup["seeds"]))
@@ -244,8 +249,7 @@ def markdown(comparison: dict, setup: dict, command: str) -> str:
         "initialisation and configuration search included, evaluation excluded; the jobs ran "
         "one after another, so compare times within a report.",
         "",
-        "| method | " + " | ".join(budgets) + " | HV | time (min) |",
-        "|---" * (len(budgets) + 3) + "|",
+        *table_header(["method", *budgets, "HV", "time (min)"]),
     ]
     for method, c in comparison.items():
         values = " | ".join(f"{c['metric'][b]:.4f}" for b in budgets)
@@ -257,8 +261,7 @@ def markdown(comparison: dict, setup: dict, command: str) -> str:
         "CoA-LoRA minus each method (difference in the metric; negative where CoA-LoRA "
         "loses), and CoA-LoRA's training time over the method's:",
         "",
-        "| vs | " + " | ".join(budgets) + " | HV | time ratio |",
-        "|---" * (len(budgets) + 3) + "|",
+        *table_header(["vs", *budgets, "HV", "time ratio"]),
     ]
     for method, c in comparison.items():
         if method == "coalora":

@@ -32,7 +32,7 @@ def achievable_range(numels: Sequence[int], options: Sequence[QuantConfig]) -> t
     )
 
 
-def _efficient_options(errors: np.ndarray, bpp: np.ndarray) -> np.ndarray:
+def efficient_options(errors: np.ndarray, bpp: np.ndarray) -> np.ndarray:
     """Mask of options not dominated (cheaper-or-equal and lower-or-equal error) by another.
 
     Dropping dominated options never changes the optimum of the knapsack, and it shrinks the
@@ -90,7 +90,7 @@ def allocate_budget(
     bpp = np.array([o.bits_per_param for o in options])
     weights = sizes / sizes.sum()
     # One block of candidate variables per matrix: its non-dominated options.
-    candidates = [np.flatnonzero(_efficient_options(row, bpp)) for row in table]
+    candidates = [np.flatnonzero(efficient_options(row, bpp)) for row in table]
     rows = np.concatenate([np.full(len(c), i) for i, c in enumerate(candidates)])
     cols = np.concatenate(candidates)
     nvar = len(cols)

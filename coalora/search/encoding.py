@@ -2,7 +2,7 @@
 
 For every target matrix, the grid keeps its *efficient* options: those no other option beats
 in both bits per parameter and quantization error (the candidates of the allocation program,
-:func:`coalora.quant.allocation._efficient_options`), sorted by bits. Along that list bits rise
+:func:`coalora.quant.allocation.efficient_options`), sorted by bits. Along that list bits rise
 and error falls strictly, so a matrix's position on it is an ordinal "more bits, less error"
 coordinate. A configuration is a point of the grid (one position per matrix); a ±1 move of one
 matrix is a step of the guided walk (DESIGN §6).
@@ -17,7 +17,7 @@ import torch
 
 from coalora.model.backbone import Choice
 from coalora.quant import ErrorTable
-from coalora.quant.allocation import _efficient_options
+from coalora.quant.allocation import efficient_options
 
 
 class OptionGrid:
@@ -48,7 +48,7 @@ class OptionGrid:
         self.efficient: list[np.ndarray] = []
         self.position_of = np.empty(errors.shape, dtype=np.int64)
         for i, row in enumerate(errors):
-            options = np.flatnonzero(_efficient_options(row, bpp))
+            options = np.flatnonzero(efficient_options(row, bpp))
             options = options[np.argsort(bpp[options], kind="stable")]
             self.efficient.append(options)
             # Highest efficient position whose bits do not exceed each option's bits.
