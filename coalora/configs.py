@@ -5,6 +5,7 @@ A configuration is one option index per target matrix (see :data:`coalora.model.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -14,6 +15,11 @@ from coalora.quant import ErrorTable, achievable_range, allocate_budget, average
 
 UNSEEN_STEP = 0.01
 """Budget decrement (bits) used to step off a training configuration (see :func:`unseen_config`)."""
+
+
+def config_id(choice: Sequence[int]) -> str:
+    """A short stable name of a configuration: 12 hex digits of a hash of its option indices."""
+    return hashlib.sha1(",".join(str(int(j)) for j in choice).encode()).hexdigest()[:12]
 
 
 def budget_grid(start: float, stop: float, step: float) -> list[float]:
@@ -53,6 +59,10 @@ class EvalConfig:
     split: str  # "unseen" or "seen"
     choice: tuple[int, ...]
     avg_bits: float
+
+    @property
+    def config_id(self) -> str:
+        return config_id(self.choice)
 
 
 def unseen_config(

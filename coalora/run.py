@@ -35,32 +35,19 @@ from coalora.evaluation.report import (
     plot_metric_vs_bits,
     results_table,
     summarize,
+    write_configurations,
     write_results,
 )
+from coalora.io import atomic_write_text
 from coalora.model.backbone import Choice, QuantizedLoRAModel
 from coalora.model.hub import load_classifier, package_path
 from coalora.model.targets import find_targets, target_weights
 from coalora.module import CoALoRAModule
 from coalora.quant import ErrorTable, cached_error_table, diagonal_fisher
+from coalora.serve.run_files import write_serving_files
 
 log = logging.getLogger(__name__)
 OmegaConf.register_new_resolver("package_path", package_path, replace=True)
-
-
-def build_model(cfg: DictConfig, backbone: torch.nn.Module) -> QuantizedLoRAModel:
-    method = cfg.method
-    return QuantizedLoRAModel(
-        backbone,
-        fmt=cfg.quant.fmt,
-        rank=method.rank,
-        alpha=method.alpha,
-        dropout=method.dropout,
-        module_types=cfg.model.module_types,
-        config_aware=method.config_aware,
-        embed_dim=method.embed_dim,
-        hidden_dim=method.hidden_dim,
-        cache_bytes=cfg.quant.cache_bytes,
-    )
 
 
 def estimate_fisher(
@@ -175,6 +162,7 @@ class RunResult:
     """What one fit produced."""
 
     run: TrainingRun
+    configs: list[EvalConfig]
     records: list[EvalRecord]
     train_seconds: float
     eval_seconds: float
@@ -197,7 +185,9 @@ def fit_and_evaluate(
         cfg = copy.deepcopy(cfg)
         cfg.paths.output_dir = str(Path(cfg.paths.output_dir) / run.name)
     L.seed_everything(cfg.seed, workers=True)
-    model = build_model(cfg, load_classifier(cfg.model.name_or_path, datamodule.num_labels))
+    model = QuantizedLoRAModel.from_run_config(
+        load_classifier(cfg.model.name_or_path, datamodule.num_labels), cfg
+    )
     start = time.perf_counter()
     init_lora(cfg, model, table, run)
     val_configs = (
@@ -215,15 +205,22 @@ def fit_and_evaluate(
         seed=cfg.seed,
     )
     trainer, loggers = make_trainer(cfg, table, run)
+    write_serving_files(
+        cfg.paths.output_dir,
+        OmegaConf.to_container(cfg, resolve=True),
+        datamodule.num_labels,
+        table,
+    )
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     train_seconds = time.perf_counter() - start
 
     start = time.perf_counter()
+    configs = run_evaluation_configs(cfg, table, run, module)
     records = evaluate_configurations(
         model,
         datamodule.test_dataloader(),
         build_metric(task),
-        run_evaluation_configs(cfg, table, run, module),
+        configs,
         cfg.method.name,
         task.metric,
     )
@@ -232,6 +229,7 @@ def fit_and_evaluate(
         log_to_wandb(lg, records, Path(cfg.paths.output_dir) / "eval")
     return RunResult(
         run,
+        configs,
         records,
         train_seconds,
         eval_seconds,
@@ -265,7 +263,19 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         f"train {summary['train_seconds']:.0f} s · eval {summary['eval_seconds']:.0f} s · "
         f"outputs {out_dir}"
     )
+    print_serving_hint(out_dir, [r.run for r in results])
     return summary
+
+
+def print_serving_hint(out_dir: Path, runs: list[TrainingRun]) -> None:
+    """How to serve or export what this run trained (each budget's folder for per-budget runs)."""
+    run_dir = out_dir / runs[0].name if runs[0].budget is not None else out_dir
+    bits = runs[0].budget if runs[0].budget is not None else 3.0
+    Console().print(
+        f"serve it:  python -m coalora.export run_dir={run_dir} bits={bits:g}\n"
+        f"     or:   Deployment.from_run({str(run_dir)!r}).at(bits={bits:g})"
+        "  (from coalora.serve import Deployment)"
+    )
 
 
 def write_reports(
@@ -281,6 +291,7 @@ def write_reports(
     records = [r for result in results for r in result.records]
     eval_dir = out_dir / "eval"
     write_results(records, eval_dir)
+    write_configurations([c for result in results for c in result.configs], eval_dir)
     plot_metric_vs_bits(
         records, eval_dir / "accuracy_vs_bits.png", title=f"{task.name} · {cfg.model.name}"
     )
@@ -317,7 +328,7 @@ def write_reports(
         "trainable_parameters": results[0].trainable_parameters,
         "results": [r.__dict__ for r in records],
     }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
     return summary
 
 

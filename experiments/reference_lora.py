@@ -19,10 +19,10 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+import coalora.run  # noqa: F401  (registers the package_path resolver)
 from coalora.data import TaskSpec, TextClassificationDataModule, build_metric
 from coalora.model.backbone import QuantizedLoRAModel
 from coalora.model.hub import load_classifier
-from coalora.run import build_model  # registers the package_path resolver
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -52,7 +52,9 @@ def main(overrides: list[str]) -> None:
         k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k != "_target_"
     })  # fmt: skip
     data.setup()
-    model = build_model(cfg, load_classifier(cfg.model.name_or_path, data.num_labels))
+    model = QuantizedLoRAModel.from_run_config(
+        load_classifier(cfg.model.name_or_path, data.num_labels), cfg
+    )
     full_precision(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.method.optimizer.lr)

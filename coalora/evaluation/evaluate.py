@@ -64,6 +64,7 @@ def evaluate_configurations(
                 value=value,
                 loss=loss,
                 num_samples=count,
+                config_id=cfg.config_id,
             )
         )
     return records

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ from typing import Literal
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from coalora.configs import EvalConfig
+from coalora.io import atomic_write_text
 from coalora.pareto import normalized_hypervolume
 
 Split = Literal["seen", "unseen"]
@@ -24,6 +27,8 @@ SPLITS: tuple[str, ...] = ("seen", "unseen")
 PLOT_DPI = 120
 """Resolution of saved plots."""
 CSV_NAME, JSON_NAME = "results.csv", "results.json"
+CONFIGURATIONS_NAME = "configurations.json"
+"""Beside the results: every scored configuration by ``config_id`` (option indices, bits)."""
 
 
 @dataclass(frozen=True)
@@ -68,16 +73,30 @@ def write_results(records: Sequence[EvalRecord], out_dir: Path) -> tuple[Path, P
     Returns:
         The CSV and JSON paths.
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     rows = [dataclasses.asdict(r) for r in records]
-    csv_path, json_path = out_dir / CSV_NAME, out_dir / JSON_NAME
-    with csv_path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-    json_path.write_text(json.dumps(rows, indent=2) + "\n")
-    return csv_path, json_path
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=FIELDS)
+    writer.writeheader()
+    writer.writerows(rows)
+    return (
+        atomic_write_text(Path(out_dir) / CSV_NAME, text.getvalue()),
+        atomic_write_text(Path(out_dir) / JSON_NAME, json.dumps(rows, indent=2) + "\n"),
+    )
+
+
+def write_configurations(configs: Sequence[EvalConfig], out_dir: Path) -> Path:
+    """Write ``out_dir/configurations.json``: ``{config_id: {"choice": [...], "avg_bits": b}}``,
+    so any results row can be served or exported later by its ``config_id``."""
+    table = {c.config_id: {"choice": list(c.choice), "avg_bits": c.avg_bits} for c in configs}
+    return atomic_write_text(Path(out_dir) / CONFIGURATIONS_NAME, json.dumps(table, indent=1))
+
+
+def read_configurations(out_dir: Path) -> dict[str, list[int]]:
+    """``config_id → option indices`` from :func:`write_configurations`' file ({} if absent)."""
+    path = Path(out_dir) / CONFIGURATIONS_NAME
+    if not path.exists():
+        return {}
+    return {key: entry["choice"] for key, entry in json.loads(path.read_text()).items()}
 
 
 def _record_from_csv_row(row: dict[str, str]) -> EvalRecord:

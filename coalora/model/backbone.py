@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -116,14 +117,16 @@ class QuantizedLoRAModel(nn.Module):
             key, lambda: quantize(layer.weight, self.options[option]).dequantize()
         )
 
+    def features(self, choice: Sequence[int]) -> torch.Tensor:
+        """θ's input (the layer embeddings' indices) for the configuration ``choice``."""
+        return layer_features([self.options[j] for j in choice], self.type_ids, self.block_ids)
+
     def set_configuration(self, choice: Sequence[int]) -> None:
         """Make ``choice`` the active configuration of every target layer."""
         choice = self.check_choice(choice)
         for i, (layer, option) in enumerate(zip(self.layers, choice, strict=True)):
             layer.quantized_weight = self.dequantized(i, option)
-        self._features = layer_features(
-            [self.options[j] for j in choice], self.type_ids, self.block_ids
-        )
+        self._features = self.features(choice)
         self.active = choice
 
     def adjustments(self) -> torch.Tensor | None:
@@ -162,6 +165,23 @@ class QuantizedLoRAModel(nn.Module):
                     q = quantize(layer.weight, self.options[option]).dequantize()
                     layer.init_from_residual(original - q)
         self.cache.clear()
+
+    @classmethod
+    def from_run_config(cls, backbone: nn.Module, cfg: Mapping[str, Any]) -> QuantizedLoRAModel:
+        """Wrap ``backbone`` as a run's ``model``/``quant``/``method`` config describes."""
+        method = cfg["method"]
+        return cls(
+            backbone,
+            fmt=cfg["quant"]["fmt"],
+            rank=method["rank"],
+            alpha=method["alpha"],
+            dropout=method["dropout"],
+            module_types=cfg["model"]["module_types"],
+            config_aware=method["config_aware"],
+            embed_dim=method["embed_dim"],
+            hidden_dim=method["hidden_dim"],
+            cache_bytes=cfg["quant"]["cache_bytes"],
+        )
 
     def trainable_parameter_counts(self) -> dict[str, int]:
         """Trainable parameters by part: LoRA factors, θ, task head."""

@@ -1,0 +1,272 @@
+"""Serve any configuration of a trained run: allocate, quantize, fold θ, hand back a model."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import numbers
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from coalora.configs import allocate, config_bits, config_id
+from coalora.evaluation.report import read_configurations
+from coalora.model.backbone import Choice, QuantizedLoRAModel
+from coalora.model.hub import load_classifier
+from coalora.quant import ErrorTable, QuantConfig, achievable_range, quantize
+from coalora.serve.packed import PackedLoRALinear
+from coalora.serve.run_files import RunFiles, read_run
+
+BYTES_PER_MB = 1_000_000
+"""``memory_mb`` counts megabytes of 10^6 bytes."""
+OFFSET_BYTES = 4
+"""Each quantized matrix stores one fp32 offset (see :mod:`coalora.quant.tensor`)."""
+SCALE_DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+def packed_nbytes(numel: int, config: QuantConfig) -> int:
+    """Bytes :func:`coalora.quant.quantize` stores for ``numel`` weights under ``config``:
+    codes and first-level scale codes padded to whole blocks and scale groups, the
+    second-level scales and the offset."""
+    blocks = -(-numel // config.block_size)
+    groups = -(-blocks // config.scale_block_size)
+    return (
+        blocks * config.block_size * config.bits // 8
+        + groups * config.scale_block_size * config.scale_bits // 8
+        + groups * SCALE_DTYPE_BYTES[config.scale_dtype]
+        + OFFSET_BYTES
+    )
+
+
+def _check_number(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name}={value!r} must be a finite number")
+    return float(value)
+
+
+class Deployment:
+    """A trained run ready to serve any configuration (DESIGN §9).
+
+    Holds the pre-trained backbone, the trained LoRA factors, θ and task head, and the error
+    table. :meth:`at` returns a transformers model whose target matrices are packed
+    (:class:`PackedLoRALinear`) with θ's adjustment folded into each adapter; :meth:`export`
+    writes it as a folder that peft and :func:`coalora.serve.load_export` load.
+
+    Args:
+        model: the quantized LoRA model with its trained weights.
+        table: the error table of the model's target matrices.
+        config: the run's resolved configuration (``model``, ``quant``, ``method``, ``task``).
+        run_dir: the run folder, to look up configuration ids and measured metrics.
+    """
+
+    def __init__(
+        self,
+        model: QuantizedLoRAModel,
+        table: ErrorTable,
+        config: dict[str, Any],
+        run_dir: Path | None = None,
+    ) -> None:
+        names = [t.name for t in model.targets]
+        if table.names != names or [o for o in table.options] != model.options:
+            raise ValueError(
+                "the error table does not describe this model's target matrices and options"
+            )
+        self.model = model.eval()
+        self.table = table
+        self.config = config
+        self.run_dir = run_dir
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path) -> Deployment:
+        """Rebuild a run's model from its folder (checkpoint, config, error table)."""
+        run: RunFiles = read_run(run_dir)
+        backbone = load_classifier(run.config["model"]["name_or_path"], run.num_labels)
+        model = QuantizedLoRAModel.from_run_config(backbone, run.config)
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        missing = sorted(trainable - set(run.state_dict))
+        unexpected = sorted(set(run.state_dict) - trainable)
+        if missing or unexpected:
+            raise ValueError(
+                f"the checkpoint of {run.run_dir} does not match its run_config.json "
+                f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
+        model.load_state_dict(run.state_dict, strict=False)
+        return cls(model, run.table, run.config, run.run_dir)
+
+    # -- choosing a configuration ---------------------------------------------------------
+
+    @property
+    def fixed_nbytes(self) -> int:
+        """Bytes of a served model besides its packed matrices: every other weight at its dtype
+        (embeddings, norms, biases, head) and the adapters."""
+        dense = sum(t.numel() * t.element_size() for t in self.model.model.state_dict().values())
+        return dense - sum(
+            w.numel() * w.element_size() for w in self.model.frozen_weights().values()
+        )
+
+    def served_nbytes(self, choice: Sequence[int]) -> int:
+        """Weight bytes of the model :meth:`at` returns for ``choice``."""
+        return self.fixed_nbytes + sum(
+            packed_nbytes(n, self.model.options[j])
+            for n, j in zip(self.table.numels, choice, strict=True)
+        )
+
+    def memory_range_mb(self) -> tuple[float, float]:
+        """The smallest and largest served size (MB) any configuration reaches."""
+        sizes = [[packed_nbytes(n, o) for o in self.model.options] for n in self.table.numels]
+        fixed = self.fixed_nbytes
+        return (
+            (fixed + sum(map(min, sizes))) / BYTES_PER_MB,
+            (fixed + sum(map(max, sizes))) / BYTES_PER_MB,
+        )
+
+    def allocate_memory(self, memory_mb: float) -> Choice:
+        """The minimum-error configuration whose served model fits in ``memory_mb``."""
+        low, high = self.memory_range_mb()
+        if not low <= memory_mb <= high:
+            raise ValueError(
+                f"memory_mb={memory_mb:g} is outside the achievable range [{low:.3f}, {high:.3f}] "
+                f"MB for this model"
+            )
+        limit = memory_mb * BYTES_PER_MB
+        numel = sum(self.table.numels)
+        offsets = OFFSET_BYTES * len(self.table.numels)
+        bits_low, _ = achievable_range(self.table.numels, self.table.options)
+        budget = (limit - self.fixed_nbytes - offsets) * 8 / numel
+        while True:  # padding can exceed the bits formula: lower the budget by the excess
+            choice = allocate(self.table, max(budget, bits_low))
+            excess = self.served_nbytes(choice) - limit
+            if excess <= 0:
+                return choice
+            if budget <= bits_low:
+                raise ValueError(
+                    f"memory_mb={memory_mb:g}: no configuration fits (smallest {low:.3f} MB)"
+                )
+            budget -= max(excess * 8 / numel, 1e-6)
+
+    def choose(
+        self,
+        bits: float | None = None,
+        memory_mb: float | None = None,
+        config: Sequence[int] | str | Path | None = None,
+    ) -> Choice:
+        """The configuration for exactly one of: an average-bits budget, a memory limit (MB of
+        served weights), or an explicit configuration (option indices, a JSON file holding
+        them, or a ``config_id`` from the run's ``eval/configurations.json``)."""
+        given = {k: v for k, v in (("bits", bits), ("memory_mb", memory_mb), ("config", config))}
+        chosen = [k for k, v in given.items() if v is not None]
+        if len(chosen) != 1:
+            raise ValueError(
+                f"give exactly one of bits=, memory_mb=, config=; got {chosen or 'none'}"
+            )
+        if bits is not None:
+            return allocate(self.table, _check_number("bits", bits))
+        if memory_mb is not None:
+            return self.allocate_memory(_check_number("memory_mb", memory_mb))
+        return self.model.check_choice(self.resolve_config(config))
+
+    def resolve_config(self, config: Sequence[int] | str | Path) -> Sequence[int]:
+        if not isinstance(config, str | Path):
+            if any(isinstance(j, bool) or not isinstance(j, numbers.Integral) for j in config):
+                raise ValueError(f"config must hold integer option indices, got {list(config)}")
+            return config
+        path = Path(config)
+        if path.suffix == ".json" or path.is_file():
+            if not path.is_file():
+                raise FileNotFoundError(f"configuration file {path} does not exist")
+            data = json.loads(path.read_text())
+            choice = data.get("choice") if isinstance(data, dict) else data
+            if not isinstance(choice, list):
+                raise ValueError(
+                    f"{path} must hold a list of option indices or an object with a 'choice' list"
+                )
+            return self.resolve_config(choice)
+        known = self.known_configurations()
+        if str(config) not in known:
+            raise ValueError(
+                f"config={config!r} is neither a JSON file nor a configuration id of this run "
+                f"(known ids: {sorted(known) or 'none'})"
+            )
+        return known[str(config)]
+
+    def known_configurations(self) -> dict[str, list[int]]:
+        """``config_id → choice`` of every configuration the run evaluated."""
+        known: dict[str, list[int]] = {}
+        for folder in self.eval_dirs():
+            known.update(read_configurations(folder))
+        return known
+
+    def eval_dirs(self) -> list[Path]:
+        """The run's ``eval/`` folders: its own, and its parent's for a per-budget fit."""
+        if self.run_dir is None:
+            return []
+        return [d for d in (self.run_dir / "eval", self.run_dir.parent / "eval") if d.is_dir()]
+
+    # -- building the served model --------------------------------------------------------
+
+    @torch.no_grad()
+    def adapters(self, choice: Choice) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``(A, B')`` per target with ``B' = B (I + U)`` for this configuration."""
+        layers = self.model.layers
+        if self.model.config_net is None:
+            return [(layer.lora_A.detach(), layer.lora_B.detach()) for layer in layers]
+        u = self.model.config_net(self.model.features(choice))
+        return [
+            (layer.lora_A.detach(), layer.lora_B.detach() + layer.lora_B.detach() @ u[i])
+            for i, layer in enumerate(layers)
+        ]
+
+    @torch.no_grad()
+    def build(self, choice: Choice) -> nn.Module:
+        """A transformers model (eval mode) with packed target matrices for ``choice``."""
+        packed = {}
+        for layer, option, (a, b) in zip(
+            self.model.layers, choice, self.adapters(choice), strict=True
+        ):
+            weight = quantize(layer.weight, self.model.options[option])
+            bias = None if layer.bias is None else layer.bias.detach().clone()
+            packed[id(layer)] = PackedLoRALinear(weight, bias, a.clone(), b.clone(), layer.scale)
+        served = copy.deepcopy(self.model.model, memo=packed)  # every other weight is copied
+        return served.requires_grad_(False).eval()
+
+    def at(
+        self,
+        bits: float | None = None,
+        memory_mb: float | None = None,
+        config: Sequence[int] | str | Path | None = None,
+    ) -> nn.Module:
+        """A ready model at a budget, a memory limit or an explicit configuration (see
+        :meth:`choose`)."""
+        return self.build(self.choose(bits, memory_mb, config))
+
+    def describe(self, choice: Choice) -> dict[str, Any]:
+        """Bits, bytes and id of a configuration."""
+        return {
+            "config_id": config_id(choice),
+            "avg_bits": config_bits(self.table, choice),
+            "served_bytes": self.served_nbytes(choice),
+        }
+
+    def export(
+        self,
+        out: str | Path,
+        bits: float | None = None,
+        memory_mb: float | None = None,
+        config: Sequence[int] | str | Path | None = None,
+        overwrite: bool = False,
+    ) -> Path:
+        """Write the model at a budget, memory limit or configuration to the folder ``out``
+        (see :func:`coalora.serve.export.write_export`)."""
+        from coalora.serve.export import write_export
+
+        choice = self.choose(bits, memory_mb, config)
+        request = {
+            "bits": bits,
+            "memory_mb": memory_mb,
+            "config": None if config is None else str(config),
+        }
+        return write_export(self, choice, Path(out), request, overwrite)
