@@ -274,7 +274,8 @@ def print_serving_hint(out_dir: Path, runs: list[TrainingRun]) -> None:
     Console().print(
         f"serve it:  python -m coalora.export run_dir={run_dir} bits={bits:g}\n"
         f"     or:   Deployment.from_run({str(run_dir)!r}).at(bits={bits:g})"
-        "  (from coalora.serve import Deployment)"
+        "  (from coalora.serve import Deployment)",
+        soft_wrap=True,
     )
 
 

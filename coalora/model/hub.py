@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+from collections.abc import Iterator
 from pathlib import Path
 
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
+from transformers.utils import logging as hf_logging
 
 
 def package_path(package: str, *parts: str) -> str:
@@ -24,3 +27,18 @@ def package_path(package: str, *parts: str) -> str:
 def load_classifier(name_or_path: str, num_labels: int) -> PreTrainedModel:
     """A sequence classifier with a fresh ``num_labels``-way head, in fp32."""
     return AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=num_labels)
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' load reports and progress bars (e.g. a head reported as newly
+    initialised just before its trained weights are loaded)."""
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()

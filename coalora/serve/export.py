@@ -219,10 +219,11 @@ def verify_export(folder: str | Path) -> dict[str, Any]:
     if not (folder / MANIFEST_NAME).is_file():
         raise FileNotFoundError(f"{folder} is not a coalora export: {MANIFEST_NAME} is missing")
     manifest = json.loads((folder / MANIFEST_NAME).read_text())
+    missing = [name for name in manifest if not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"export {folder} is incomplete: {', '.join(missing)} is missing")
     for name, entry in manifest.items():
         path = folder / name
-        if not path.is_file():
-            raise FileNotFoundError(f"export {folder} is incomplete: {name} is missing")
         if path.stat().st_size != entry["bytes"] or sha256(path) != entry["sha256"]:
             raise ValueError(
                 f"export {folder}: {name} was altered (its size or sha256 differs from "
