@@ -239,3 +239,36 @@ def test_quant_config_round_trips_through_the_export_metadata(dep, tmp_path):
     assert summary["choice"] == list(choice) and summary["config_id"] == config_id(choice)
     for (name, spec), j in zip(summary["matrices"].items(), choice, strict=True):
         assert QuantConfig(**spec["config"]) == dep.model.options[j], name
+
+
+def test_predict_scores_a_local_tsv_with_an_export(dep, shared_data_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from coalora.predict import predict_file
+
+    out = dep.export(tmp_path / "e", bits=4.0)
+    lines = (shared_data_dir / "glue" / "SST-2" / "dev.tsv").read_text().splitlines()[:21]
+    tsv = tmp_path / "dev.tsv"
+    tsv.write_text("\n".join(lines) + "\n")
+    result = predict_file(out, tsv, batch_size=8)
+    header, *rows = [line.split("\t") for line in result["out"].read_text().splitlines()]
+    assert header == ["sentence", "label", "prediction", "probability"] and len(rows) == 20
+    model, tokenizer = load_export(out), AutoTokenizer.from_pretrained(out)
+    sentences = [row[0] for row in rows]
+    with torch.no_grad():
+        logits = model(**tokenizer(sentences, padding=True, return_tensors="pt")).logits
+    names = ["negative", "positive"]
+    assert [row[2] for row in rows] == [names[j] for j in logits.argmax(-1).tolist()]
+    correct = [row[2] == names[int(row[1])] for row in rows]
+    assert result["accuracy"] == pytest.approx(sum(correct) / len(correct))
+
+    bad = tmp_path / "bad.tsv"
+    bad.write_bytes(b"sentence\tlabel\nfine\t1\nbad \xff byte\t0\n")
+    with pytest.raises(ValueError, match=r"bad.tsv, line 3: not UTF-8 text"):
+        predict_file(out, bad)
+    (tmp_path / "header.tsv").write_text("sentence\tlabel\n")
+    with pytest.raises(ValueError, match="header.tsv has no examples to score"):
+        predict_file(out, tmp_path / "header.tsv")
+    (tmp_path / "other.tsv").write_text("review\n great\n")
+    with pytest.raises(ValueError, match=r"has no column 'sentence'; its columns are \['review'\]"):
+        predict_file(out, tmp_path / "other.tsv")

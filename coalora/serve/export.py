@@ -46,6 +46,8 @@ ADAPTER_NAME = "adapter_model.safetensors"
 MANIFEST_NAME = "manifest.json"
 PEFT_PREFIX = "base_model.model."
 FORMAT_VERSION = 1
+TASK_FIELDS = ("text_fields", "label_names", "text_columns", "label_column", "label_values")
+"""What :mod:`coalora.predict` needs to read a task's files and name its labels."""
 TASK_TYPES = {"ForSequenceClassification": "SEQ_CLS", "ForCausalLM": "CAUSAL_LM"}
 """peft task type by the suffix of the transformers architecture name."""
 
@@ -123,6 +125,8 @@ def write_export(
         **info,
         "packed_bytes": sum(layer.quantized.nbytes for layer in packed.values()),
         "fp32_bytes": sum(4 * n for n in dep.table.numels) + dep.fixed_nbytes,
+        "task_spec": {k: v for k, v in dep.config["task"].items() if k in TASK_FIELDS},
+        "max_length": dep.config["data"]["max_length"],
         "choice": list(choice),
         "tied": tied,
         "measured": measured_metric(dep, choice),
