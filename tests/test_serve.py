@@ -272,3 +272,9 @@ def test_predict_scores_a_local_tsv_with_an_export(dep, shared_data_dir, tmp_pat
     (tmp_path / "other.tsv").write_text("review\n great\n")
     with pytest.raises(ValueError, match=r"has no column 'sentence'; its columns are \['review'\]"):
         predict_file(out, tmp_path / "other.tsv")
+
+
+def test_serving_imports_neither_lightning_nor_hydra():
+    code = "import sys, coalora.serve; print(sorted({'lightning', 'hydra'} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
