@@ -1,4 +1,5 @@
-"""Atomic file output: readers see the old file or the new one, never a half-written one."""
+"""File helpers: UTF-8 text input that names the bad line, and atomic output (readers see the
+old file or the new one, never a half-written one)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,20 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+
+def read_utf8(path: str | Path) -> str:
+    """The text of ``path`` (a leading byte-order mark dropped); bytes that are not UTF-8 raise
+    a ValueError naming the file and line."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ValueError(
+            f"{path}, line {line}: byte {data[err.start]:#04x} is not UTF-8 text "
+            "(save the file as UTF-8)"
+        ) from None
 
 
 @functools.cache

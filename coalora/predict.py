@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from transformers import AutoTokenizer
 
-from coalora.io import atomic_write_text
+from coalora.io import atomic_write_text, read_utf8
 from coalora.serve.export import load_export, verify_export
 
 
@@ -27,13 +27,7 @@ def read_rows(path: Path) -> tuple[list[str], list[list[str]]]:
     """Header and rows of a TSV file (a ``.txt`` file: header ``text``, one row per line)."""
     if not path.is_file():
         raise FileNotFoundError(f"input file {path} does not exist")
-    lines = path.read_bytes().splitlines()
-    for number, line in enumerate(lines, 1):
-        try:
-            line.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise ValueError(f"{path}, line {number}: not UTF-8 text ({err.reason})") from None
-    text = b"\n".join(lines).decode("utf-8")
+    text = read_utf8(path)
     if path.suffix == ".txt":
         header, rows = ["text"], [[line] for line in text.splitlines() if line.strip()]
     else:

@@ -188,6 +188,14 @@ def test_malformed_row_names_file_and_line(tmp_path) -> None:
         load_glue(task_conf("qqp"), str(tmp_path))
 
 
+def test_non_utf8_bytes_name_file_and_line(tmp_path) -> None:
+    write_tsv(tmp_path / "SST-2" / "dev.tsv", [["sentence", "label"], ["good", "1"]])
+    train = tmp_path / "SST-2" / "train.tsv"
+    train.write_bytes(b"sentence\tlabel\ngood\t1\nbad \xff\t0\n")
+    with pytest.raises(ValueError, match=r"train\.tsv, line 3: byte 0xff is not UTF-8 text"):
+        load_glue(task_conf("sst2"), str(tmp_path))
+
+
 def test_missing_header_column_is_named(tmp_path) -> None:
     write_tsv(tmp_path / "SST-2" / "train.tsv", [["text", "label"], ["good", "1"]])
     write_tsv(tmp_path / "SST-2" / "dev.tsv", [["sentence", "label"]])

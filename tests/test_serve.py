@@ -264,7 +264,7 @@ def test_predict_scores_a_local_tsv_with_an_export(dep, shared_data_dir, tmp_pat
 
     bad = tmp_path / "bad.tsv"
     bad.write_bytes(b"sentence\tlabel\nfine\t1\nbad \xff byte\t0\n")
-    with pytest.raises(ValueError, match=r"bad.tsv, line 3: not UTF-8 text"):
+    with pytest.raises(ValueError, match=r"bad.tsv, line 3: byte 0xff is not UTF-8 text"):
         predict_file(out, bad)
     (tmp_path / "header.tsv").write_text("sentence\tlabel\n")
     with pytest.raises(ValueError, match="header.tsv has no examples to score"):

@@ -8,6 +8,7 @@ import bz2
 import csv
 import importlib.resources
 import importlib.util
+import io
 import logging
 import os
 from importlib.resources.abc import Traversable
@@ -16,6 +17,7 @@ from pathlib import Path
 import datasets
 
 from coalora.data.task import TaskSpec
+from coalora.io import read_utf8
 
 log = logging.getLogger(__name__)
 
@@ -71,37 +73,37 @@ def _read_glue_tsv(path: Path, task: TaskSpec) -> datasets.Dataset:
     label_ids = {value: i for i, value in enumerate(task.label_values)}
     texts: list[list[str]] = [[] for _ in task.text_fields]
     labels: list[int] = []
-    # utf-8-sig drops the byte-order mark that starts the MRPC files.
-    with path.open(encoding="utf-8-sig", newline="") as f:
-        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        if task.has_header:
-            header = next(reader, [])
-            missing = [c for c in (*task.text_columns, task.label_column) if c not in header]
-            if missing:
-                raise ValueError(f"{path}: columns {missing} not in header {header}")
-            text_positions = [header.index(c) for c in task.text_columns]
-            label_position = header.index(task.label_column)
-            width = len(header)
-        else:
-            text_positions, label_position = list(task.text_columns), task.label_column
-            width = None
-        needed = max(*text_positions, label_position) + 1
-        for row in reader:
-            if (width is not None and len(row) != width) or len(row) < needed:
-                expected = width if width is not None else f"at least {needed}"
-                raise ValueError(
-                    f"{path}, line {reader.line_num}: expected {expected} tab-separated "
-                    f"fields, found {len(row)}"
-                )
-            value = row[label_position]
-            if value not in label_ids:
-                raise ValueError(
-                    f"{path}, line {reader.line_num}: label {value!r} not in accepted labels "
-                    f"{task.label_values}"
-                )
-            labels.append(label_ids[value])
-            for column, position in zip(texts, text_positions, strict=True):
-                column.append(row[position])
+    # read_utf8 drops the byte-order mark that starts the MRPC files.
+    lines = io.StringIO(read_utf8(path), newline="")
+    reader = csv.reader(lines, delimiter="\t", quoting=csv.QUOTE_NONE)
+    if task.has_header:
+        header = next(reader, [])
+        missing = [c for c in (*task.text_columns, task.label_column) if c not in header]
+        if missing:
+            raise ValueError(f"{path}: columns {missing} not in header {header}")
+        text_positions = [header.index(c) for c in task.text_columns]
+        label_position = header.index(task.label_column)
+        width = len(header)
+    else:
+        text_positions, label_position = list(task.text_columns), task.label_column
+        width = None
+    needed = max(*text_positions, label_position) + 1
+    for row in reader:
+        if (width is not None and len(row) != width) or len(row) < needed:
+            expected = width if width is not None else f"at least {needed}"
+            raise ValueError(
+                f"{path}, line {reader.line_num}: expected {expected} tab-separated "
+                f"fields, found {len(row)}"
+            )
+        value = row[label_position]
+        if value not in label_ids:
+            raise ValueError(
+                f"{path}, line {reader.line_num}: label {value!r} not in accepted labels "
+                f"{task.label_values}"
+            )
+        labels.append(label_ids[value])
+        for column, position in zip(texts, text_positions, strict=True):
+            column.append(row[position])
     columns = dict(zip(task.text_fields, texts, strict=True))
     return _to_dataset(columns, labels, task.label_names)
 
