@@ -32,6 +32,7 @@ lint: install
 	$(BIN)/ruff format --check coalora tests experiments
 
 bench: install
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python experiments/bench_quant.py
 
 # The main job: CoA-LoRA on the embedded MiniLM and movie-review data, then the evaluation table.

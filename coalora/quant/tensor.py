@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from coalora.quant.codebook import codebook, level_grid
+from coalora.quant.codebook import codebook, level_grid, packed_level_table
 from coalora.quant.config import Format, QuantConfig, ScaleDtype
 from coalora.quant.packing import pack, unpack
 
@@ -23,11 +24,34 @@ TORCH_SCALE_DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
 }
 
+CHUNK_WEIGHTS = 2**18
+"""Weights :func:`quantize` codes at a time: its fp32 temporaries stay at 1 MiB, memory the
+allocator reuses, where whole-matrix temporaries would fault in fresh pages every time."""
+
+
+class ScaleOverflowError(ValueError):
+    """The second-level scales of a tensor exceed the largest finite value of their dtype."""
+
 
 def to_blocks(w: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Flatten ``w`` to fp32 and zero-pad it into rows of ``block_size`` weights."""
+    """Flatten ``w`` to fp32 and zero-pad it into rows of ``block_size`` weights.
+
+    Without padding, a contiguous fp32 ``w`` is viewed, not copied.
+    """
     flat = w.detach().reshape(-1).float()
-    return F.pad(flat, (0, -flat.numel() % block_size)).view(-1, block_size)
+    padding = -flat.numel() % block_size
+    return (F.pad(flat, (0, padding)) if padding else flat).view(-1, block_size)
+
+
+def empty_fp32(count: int, device: torch.device) -> torch.Tensor:
+    """An uninitialised fp32 vector of ``count`` entries.
+
+    On a CPU NumPy allocates it: NumPy asks Linux for transparent huge pages on large arrays,
+    and faulting in fresh 4 KiB pages costs more than the dequantization that fills them.
+    """
+    if device.type == "cpu":
+        return torch.from_numpy(np.empty(count, dtype=np.float32))
+    return torch.empty(count, device=device)
 
 
 @dataclass(frozen=True)
@@ -38,7 +62,7 @@ class DoubleQuantizedScales:
     per-group second-level scale held in ``scale_dtype``.
     """
 
-    codes: torch.Tensor  # (groups * scale_block_size,) int64, padded with zeros
+    codes: torch.Tensor  # (groups * scale_block_size,) uint8, padded with zeros
     second: torch.Tensor  # (groups,) in the scale dtype
     offset: torch.Tensor  # () fp32: the smallest first-level scale
     dequantized: torch.Tensor  # (blocks,) fp32
@@ -47,18 +71,29 @@ class DoubleQuantizedScales:
 def double_quantize(
     absmax: torch.Tensor, scale_bits: int, scale_dtype: ScaleDtype, scale_block_size: int
 ) -> DoubleQuantizedScales:
-    """Quantize the first-level scales ``absmax`` (steps 2–3 of DESIGN §2)."""
+    """Quantize the first-level scales ``absmax`` (steps 2–3 of DESIGN §2).
+
+    Raises :class:`ScaleOverflowError` if a second-level scale overflows ``scale_dtype``.
+    """
     offset = absmax.min()
     shifted = F.pad(absmax - offset, (0, -absmax.numel() % scale_block_size))
     groups = shifted.view(-1, scale_block_size)
-    second = groups.amax(dim=1).to(TORCH_SCALE_DTYPES[scale_dtype])
+    largest = groups.amax(dim=1)
+    second = largest.to(TORCH_SCALE_DTYPES[scale_dtype])
+    if not torch.isfinite(second).all():
+        finite_max = torch.finfo(second.dtype).max
+        raise ScaleOverflowError(
+            f"second-level scales overflow scale_dtype={scale_dtype!r}: its largest finite "
+            f"value is {finite_max:.6g}, this tensor's largest second-level scale is "
+            f"{largest.max().item():.6g}; choose a wider scale_dtype"
+        )
     top = 2**scale_bits - 1
     step = second.float().unsqueeze(1) / top
     safe_step = torch.where(step > 0, step, torch.ones_like(step))
     codes = torch.where(step > 0, torch.round(groups / safe_step), torch.zeros_like(groups))
     codes = codes.clamp_(0, top)
     dequantized = (offset + codes * step).view(-1)[: absmax.numel()]
-    return DoubleQuantizedScales(codes.view(-1).long(), second, offset, dequantized)
+    return DoubleQuantizedScales(codes.view(-1).to(torch.uint8), second, offset, dequantized)
 
 
 def normalize(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -68,7 +103,7 @@ def normalize(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 
 
 def nearest_codes(x: torch.Tensor, fmt: Format, bits: int) -> torch.Tensor:
-    """Index of the nearest level of the ``fmt``/``bits`` codebook for every entry of ``x``."""
+    """Index (uint8) of the nearest ``fmt``/``bits`` level for every entry of ``x``."""
     return level_grid(fmt).codes(x, bits)
 
 
@@ -118,17 +153,34 @@ class QuantizedTensor:
         return (self.offset + codes * step).view(-1)[: self.num_blocks]
 
     def dequantize(self) -> torch.Tensor:
-        """The dense tensor, same shape and dtype as the original."""
+        """The dense tensor, same shape and dtype as the original.
+
+        ``levels[codes] * scale``: 2-, 4- and 8-bit codes gather whole rows of
+        :func:`packed_level_table`, one row per packed byte or 16-bit word; 3-bit codes are
+        unpacked first. The scales multiply the levels in place.
+        """
         cfg = self.config
+        device = self.codes.device
         count = self.num_blocks * cfg.block_size
-        codes = unpack(self.codes, cfg.bits, count).view(-1, cfg.block_size)
-        levels = codebook(cfg.fmt, cfg.bits).to(self.codes.device)
-        dense = levels[codes.long()] * self.dequantized_scales().unsqueeze(1)
-        return dense.view(-1)[: self.numel].view(self.shape).to(self.dtype)
+        dense = empty_fp32(count, device)
+        if 8 % cfg.bits == 0:
+            table, index_dtype = packed_level_table(cfg.fmt, cfg.bits)
+            index = self.codes.view(index_dtype).int()
+            torch.index_select(table.to(device), 0, index, out=dense.view(table.dtype))
+        else:
+            levels = codebook(cfg.fmt, cfg.bits).to(device)
+            torch.index_select(levels, 0, unpack(self.codes, cfg.bits, count), out=dense)
+        dense.view(-1, cfg.block_size).mul_(self.dequantized_scales().unsqueeze(1))
+        return dense[: self.numel].view(self.shape).to(self.dtype)
 
 
 def quantize(w: torch.Tensor, config: QuantConfig) -> QuantizedTensor:
-    """Quantize ``w`` with ``config`` (steps 1–5 of DESIGN §2)."""
+    """Quantize ``w`` with ``config`` (steps 1–5 of DESIGN §2).
+
+    Raises ``ValueError`` for non-float, empty or non-finite ``w``, and
+    :class:`ScaleOverflowError` (a ``ValueError``) if its scales overflow
+    ``config.scale_dtype``.
+    """
     if not w.is_floating_point():
         raise ValueError(f"quantize needs a floating-point tensor, got dtype {w.dtype}")
     if w.numel() == 0:
@@ -139,7 +191,12 @@ def quantize(w: torch.Tensor, config: QuantConfig) -> QuantizedTensor:
     scales = double_quantize(
         blocks.abs().amax(dim=1), config.scale_bits, config.scale_dtype, config.scale_block_size
     )
-    codes = nearest_codes(normalize(blocks, scales.dequantized), config.fmt, config.bits)
+    codes = torch.empty(blocks.shape, dtype=torch.uint8, device=blocks.device)
+    rows = CHUNK_WEIGHTS // config.block_size
+    for start in range(0, len(blocks), rows):
+        part = slice(start, start + rows)
+        x = normalize(blocks[part], scales.dequantized[part])
+        codes[part] = nearest_codes(x, config.fmt, config.bits)
     return QuantizedTensor(
         config=config,
         shape=w.shape,
