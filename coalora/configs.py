@@ -6,7 +6,8 @@ A configuration is one option index per target matrix (see :data:`coalora.model.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+import numbers
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,14 +41,29 @@ def config_bits(table: ErrorTable, choice: Sequence[int]) -> float:
     return average_bits(table.numels, [table.options[j].bits_per_param for j in choice])
 
 
-def initial_training_set(table: ErrorTable, budgets: Sequence[float]) -> list[tuple[int, ...]]:
-    """Allocations at ``budgets`` (each must be achievable), without duplicates, in budget order."""
+def check_budgets(name: str, budgets: object, table: ErrorTable) -> list[float]:
+    """``budgets`` (the config key ``name``) as floats: a non-empty list of numbers, each within
+    the table's achievable range of average bits."""
     low, high = achievable_range(table.numels, table.options)
-    outside = [b for b in budgets if not low <= b <= high]
+    accepted = f"a list of bit-widths within the achievable range [{low:.4f}, {high:.4f}]"
+    if isinstance(budgets, str | bytes) or not isinstance(budgets, Iterable):
+        raise ValueError(f"{name}={budgets!r} is not a list; give {accepted}")
+    values = list(budgets)
+    not_numbers = [b for b in values if isinstance(b, bool) or not isinstance(b, numbers.Real)]
+    if not values or not_numbers:
+        what = "is empty" if not values else f"holds {not_numbers}, which are not numbers"
+        raise ValueError(f"{name}={values!r} {what}; give {accepted}")
+    outside = [b for b in values if not low <= b <= high]
     if outside:
         raise ValueError(
-            f"budgets {outside} are outside the achievable range [{low:.4f}, {high:.4f}]"
+            f"{name}: budgets {outside} are outside the achievable range [{low:.4f}, {high:.4f}]"
         )
+    return [float(b) for b in values]
+
+
+def initial_training_set(table: ErrorTable, budgets: Sequence[float]) -> list[tuple[int, ...]]:
+    """Allocations at ``budgets`` (each must be achievable), without duplicates, in budget order."""
+    budgets = check_budgets("budgets", budgets, table)
     return list(dict.fromkeys(allocate(table, b) for b in budgets))
 
 

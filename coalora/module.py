@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning as L
@@ -10,6 +10,28 @@ import torch
 from torchmetrics import Metric
 
 from coalora.model.backbone import Choice, QuantizedLoRAModel
+
+
+def check_identity(checkpoint: Mapping[str, Any], identity: Mapping[str, Any]) -> None:
+    """Refuse a checkpoint of another model, quantization format, method or option space: every
+    entry of ``identity`` must equal the one the checkpoint saved."""
+    if "coalora" not in checkpoint:
+        raise ValueError(
+            "the checkpoint was not written by coalora (it has no 'coalora' state); resume "
+            "from a run's checkpoints/last.ckpt"
+        )
+    saved = checkpoint["coalora"].get("identity", {})
+    differences = [
+        f"{key}: checkpoint {saved.get(key)!r}, this run {value!r}"
+        for key, value in identity.items()
+        if saved.get(key) != value
+    ]
+    if differences:
+        raise ValueError(
+            "cannot resume: the checkpoint was trained with other settings ("
+            + "; ".join(differences)
+            + "); resume with the checkpoint's settings or start a new run"
+        )
 
 
 class CoALoRAModule(L.LightningModule):
@@ -24,6 +46,8 @@ class CoALoRAModule(L.LightningModule):
         metric: the task metric (a torchmetrics object; cloned per split).
         configs_per_step: k, configurations per step (the authors use 2).
         seed: seed of the configuration sampler.
+        identity: what a checkpoint must match to be resumed by this module (model, quant
+            format, method, option-space size, ...); saved in every checkpoint.
     """
 
     def __init__(
@@ -35,6 +59,7 @@ class CoALoRAModule(L.LightningModule):
         metric: Metric,
         configs_per_step: int = 2,
         seed: int = 0,
+        identity: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if configs_per_step < 1:
@@ -44,7 +69,8 @@ class CoALoRAModule(L.LightningModule):
                 "train_configs is empty: at least one training configuration is needed"
             )
         self.save_hyperparameters(
-            ignore=["model", "optimizer", "metric", "train_configs", "val_configs"], logger=False
+            ignore=["model", "optimizer", "metric", "train_configs", "val_configs", "identity"],
+            logger=False,
         )
         self.model = model
         self.optimizer_factory = optimizer
@@ -55,6 +81,7 @@ class CoALoRAModule(L.LightningModule):
         self.trained_configs: list[Choice] = []  # every configuration ever in a training set
         self.configs_per_step = configs_per_step
         self.sampler = torch.Generator().manual_seed(seed)
+        self.identity = dict(identity or {})
         self.strict_loading = False  # checkpoints omit the frozen pre-trained weights
 
     def on_train_epoch_start(self) -> None:
@@ -98,6 +125,7 @@ class CoALoRAModule(L.LightningModule):
             k: v for k, v in checkpoint["state_dict"].items() if k not in frozen
         }
         checkpoint["coalora"] = {
+            "identity": self.identity,
             "train_configs": [list(c) for c in self.train_configs],
             "val_configs": [list(c) for c in self.val_configs],
             "epoch_configs": [list(c) for c in self.epoch_configs],
@@ -107,6 +135,7 @@ class CoALoRAModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_identity(checkpoint, self.identity)
         missing = {k for k, _ in self.named_parameters()} - self.frozen_keys()
         missing -= set(checkpoint["state_dict"])
         if missing:

@@ -22,6 +22,7 @@ from coalora.configs import (
     EvalConfig,
     allocate,
     budget_grid,
+    check_budgets,
     config_bits,
     evaluation_configs,
     initial_training_set,
@@ -203,6 +204,15 @@ def fit_and_evaluate(
         metric=build_metric(task),
         configs_per_step=cfg.method.configs_per_step,
         seed=cfg.seed,
+        identity={
+            "model": cfg.model.name,
+            "task": task.name,
+            "quant": cfg.quant.fmt,
+            "method": cfg.method.name,
+            "options": len(model.options),
+            "targets": len(model.targets),
+            "rank": cfg.method.rank,
+        },
     )
     trainer, loggers = make_trainer(cfg, table, run)
     write_serving_files(
@@ -242,11 +252,22 @@ def fit_and_evaluate(
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train every run of the method, evaluate, write the reports; returns the summary."""
     out_dir = Path(cfg.paths.output_dir)
+    max_epochs = cfg.trainer.get("max_epochs")
+    if max_epochs is not None and (max_epochs == 0 or max_epochs < -1):
+        raise ValueError(
+            f"trainer.max_epochs={max_epochs} trains nothing: use at least 1 (evaluation scores "
+            "the configurations of the last trained epoch)"
+        )
     L.seed_everything(cfg.seed, workers=True)
     task = TaskSpec(**OmegaConf.to_container(cfg.task, resolve=True))
     datamodule: TextClassificationDataModule = instantiate(cfg.data, _partial_=True)(task=task)
     datamodule.setup()
     table = load_error_table(cfg, datamodule)
+    check_budgets("eval.budgets", cfg.eval.budgets, table)
+    if cfg.method.training_set == "grid":
+        check_budgets("eval.val_budgets", cfg.eval.val_budgets, table)
+    if cfg.method.training_set == "budgets":
+        check_budgets("method.train_budgets", cfg.method.train_budgets, table)
     runs = training_runs(cfg, table)
     log.info("%d run(s); first trains %d configurations", len(runs), len(runs[0].train_configs))
     if cfg.ckpt_path and len(runs) > 1:

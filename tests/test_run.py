@@ -237,3 +237,41 @@ def test_training_runs_follow_the_method(table):
         runs("method.training_set=all")
     with pytest.raises(ValueError, match="method=qlora trains a fixed set.*not search=pareto_gp"):
         runs("method=qlora", "search=pareto_gp")
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            "eval.budgets=[9]",
+            r"eval.budgets: budgets \[9\] are outside the achievable range \[2.0322, 8.6250\]",
+        ),
+        ("eval.budgets=['3.0','4.0']", r"holds \['3.0', '4.0'\], which are not numbers"),
+        ("eval.budgets=3", r"eval.budgets=3 is not a list; give a list of bit-widths"),
+        ("eval.val_budgets=[]", r"eval.val_budgets=\[\] is empty"),
+        ("trainer.max_epochs=0", r"trainer.max_epochs=0 trains nothing: use at least 1"),
+        ("method.rank=500", r"rank=500 must be an integer in \[1, 384\]"),
+    ],
+)
+def test_bad_settings_fail_before_training(glue_overrides, tmp_path, override, message):
+    with pytest.raises(ValueError, match=message):
+        run([*glue_overrides, override], tmp_path)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_resuming_under_other_settings_is_refused(fast_run, glue_overrides, tmp_path):
+    from coalora.module import check_identity
+
+    out, _ = fast_run
+    ckpt = out / "checkpoints" / "last.ckpt"
+    with pytest.raises(ValueError, match="method: checkpoint 'coalora', this run 'shared'"):
+        run(
+            [*glue_overrides, "method=shared", "trainer.max_epochs=4", f"ckpt_path={ckpt}"],
+            tmp_path,
+        )
+    state = torch.load(ckpt, weights_only=True)
+    identity = {**state["coalora"]["identity"], "quant": "int"}
+    with pytest.raises(ValueError, match="quant: checkpoint 'nf', this run 'int'"):
+        check_identity(state, identity)
+    with pytest.raises(ValueError, match="not written by coalora"):
+        check_identity({"state_dict": {}}, identity)

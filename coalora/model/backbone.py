@@ -19,6 +19,17 @@ Choice = tuple[int, ...]
 """A model configuration: one option index (into ``config_space(fmt)``) per target matrix."""
 
 
+def check_rank(rank: int, model: nn.Module, targets: Sequence[Target]) -> None:
+    """The LoRA rank must be an integer in [1, the smallest dimension of any target matrix]."""
+    sizes = {t.name: min(model.get_submodule(t.name).weight.shape) for t in targets}
+    smallest = min(sizes, key=sizes.__getitem__)
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= sizes[smallest]:
+        raise ValueError(
+            f"rank={rank!r} must be an integer in [1, {sizes[smallest]}]: a LoRA rank cannot "
+            f"exceed the smallest dimension of a target matrix ({smallest})"
+        )
+
+
 class QuantizedLoRAModel(nn.Module):
     """Frozen quantized backbone + shared LoRA factors + (optionally) the network θ.
 
@@ -58,6 +69,7 @@ class QuantizedLoRAModel(nn.Module):
         self.model = model
         self.options: list[QuantConfig] = config_space(fmt)
         self.targets: list[Target] = find_targets(model, module_types)
+        check_rank(rank, model, self.targets)
         model.requires_grad_(False)
         for target in self.targets:
             parent_name, _, child = target.name.rpartition(".")
