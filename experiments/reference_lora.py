@@ -29,7 +29,7 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 
 def full_precision(model: QuantizedLoRAModel) -> None:
     for layer in model.layers:
-        layer.quantized_weight = layer.weight.detach()
+        layer.weight_source = layer.weight.detach
         layer.adjustment = None
 
 

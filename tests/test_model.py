@@ -18,11 +18,12 @@ def test_layer_matches_formula():
     base = nn.Linear(64, 48)
     layer = QuantLoRALinear(base, rank=4, alpha=8.0)
     nn.init.normal_(layer.lora_B)
-    layer.quantized_weight = quantize(base.weight, NF4).dequantize()
+    weight = quantize(base.weight, NF4).dequantize()
+    layer.weight_source = lambda: weight
     layer.adjustment = torch.randn(4, 4) * 0.1
     x = torch.randn(3, 5, 64)
     expected = (
-        x @ layer.quantized_weight.T
+        x @ weight.T
         + base.bias
         + 2.0 * x @ layer.lora_A.T @ (torch.eye(4) + layer.adjustment).T @ layer.lora_B.T
     )
@@ -106,7 +107,7 @@ def test_model_replaces_targets_and_keeps_the_rest(minilm_qmodel, batch):
     original.classifier.load_state_dict(model.model.classifier.state_dict())
     model.set_configuration([0] * 36)
     for layer in model.layers:
-        layer.quantized_weight = layer.weight.detach()
+        layer.weight_source = layer.weight.detach
     model.eval(), original.eval()
     with torch.no_grad():
         assert torch.allclose(model(**batch).logits, original(**batch).logits, atol=1e-5)
@@ -158,7 +159,7 @@ def test_lqlora_init_rounds_fit_the_weight_better_and_keep_their_quantization():
     def fit_errors() -> list[float]:
         model.set_configuration(choice)
         return [
-            (original[t.name] - layer.quantized_weight - layer.scale * layer.lora_B @ layer.lora_A)
+            (original[t.name] - layer.weight_source() - layer.scale * layer.lora_B @ layer.lora_A)
             .norm()
             .item()
             for t, layer in zip(model.targets, model.layers, strict=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -123,8 +124,10 @@ class QuantizedLoRAModel(nn.Module):
 
     def dequantized(self, index: int, option: int) -> torch.Tensor:
         """The dequantized weight of target ``index`` under ``option`` (cached)."""
-        layer = self.layers[index]
-        key = (self.targets[index].name, option, str(layer.weight.device))
+        return self._dequantized(self.layers[index], self.targets[index].name, option)
+
+    def _dequantized(self, layer: QuantLoRALinear, name: str, option: int) -> torch.Tensor:
+        key = (name, option, str(layer.weight.device))
         return self.cache.get(
             key, lambda: quantize(layer.weight, self.options[option]).dequantize()
         )
@@ -136,8 +139,8 @@ class QuantizedLoRAModel(nn.Module):
     def set_configuration(self, choice: Sequence[int]) -> None:
         """Make ``choice`` the active configuration of every target layer."""
         choice = self.check_choice(choice)
-        for i, (layer, option) in enumerate(zip(self.layers, choice, strict=True)):
-            layer.quantized_weight = self.dequantized(i, option)
+        for target, layer, option in zip(self.targets, self.layers, choice, strict=True):
+            layer.weight_source = functools.partial(self._dequantized, layer, target.name, option)
         self._features = self.features(choice)
         self.active = choice
 
