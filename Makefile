@@ -34,6 +34,7 @@ lint: install
 bench: install
 	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python experiments/bench_quant.py
+	$(BIN)/python experiments/bench_serve.py
 
 # The main job: CoA-LoRA on the embedded MiniLM and movie-review data, then the evaluation table.
 demo: install
