@@ -1,13 +1,28 @@
-"""Text-classification data: task specs, raw sources and the Lightning data module."""
+"""Data: text-classification and language-modelling task specs, raw sources and the Lightning
+data modules."""
 
 from coalora.data.datamodule import TextClassificationDataModule, subsample
+from coalora.data.factory import Task, build_datamodule, build_metric, build_task
+from coalora.data.language import (
+    LanguageModelingDataModule,
+    LanguageModelingTask,
+    build_lm_metric,
+    load_corpus,
+)
 from coalora.data.sources import load_glue, load_sentiment, load_task
-from coalora.data.task import TaskSpec, build_metric
+from coalora.data.task import TaskSpec
 
 __all__ = [
+    "LanguageModelingDataModule",
+    "LanguageModelingTask",
+    "Task",
     "TaskSpec",
     "TextClassificationDataModule",
+    "build_datamodule",
+    "build_lm_metric",
     "build_metric",
+    "build_task",
+    "load_corpus",
     "load_glue",
     "load_sentiment",
     "load_task",
