@@ -19,6 +19,12 @@ SCALE_DTYPE_WIDTH = {"bf16": 16, "fp16": 16, "fp32": 32}
 
 
 def _check_choice(field: str, value: object, allowed: tuple) -> None:
+    # Integer fields take exact ints: 64.0 or True would pass ``in`` and break storage maths.
+    if isinstance(allowed[0], int) and (not isinstance(value, int) or isinstance(value, bool)):
+        raise TypeError(
+            f"QuantConfig.{field}={value!r} has type {type(value).__name__}; it must be an int, "
+            f"one of {allowed}"
+        )
     if value not in allowed:
         raise ValueError(f"QuantConfig.{field}={value!r} is not allowed; choose one of {allowed}")
 

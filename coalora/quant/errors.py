@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
+import logging
+import os
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +18,8 @@ from tqdm.auto import tqdm
 from coalora.quant.codebook import codebook, level_grid
 from coalora.quant.config import Format, QuantConfig, config_space
 from coalora.quant.tensor import ScaleOverflowError, double_quantize, normalize, to_blocks
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -114,6 +120,9 @@ def error_table(
     missing = [] if fisher is None else sorted(set(weights) - set(fisher))
     if missing:
         raise ValueError(f"fisher has no entry for matrices {missing}")
+    empty = {name: tuple(w.shape) for name, w in weights.items() if w.numel() == 0}
+    if empty:
+        raise ValueError(f"weight matrices without elements (name: shape): {empty}")
     rows = [
         matrix_errors(w, options, None if fisher is None else fisher[name])
         for name, w in tqdm(weights.items(), desc="error table", disable=not progress)
@@ -147,18 +156,51 @@ def cached_error_table(
 
     The cache file is keyed by ``model_key``, the format, whether Fisher weighting is used, and
     a content hash of the weights (and Fisher), so a changed model never reuses a stale table.
+    A cache file that cannot be read, or that holds a table for other matrices or options, is
+    moved aside to ``<name>.corrupt`` with a warning and the table is rebuilt. Concurrent
+    builders each write their own temporary file and atomically replace the entry.
     """
     safe_key = model_key.replace("/", "--")
     tag = "fisher-" + fingerprint(fisher) if fisher is not None else "plain"
     path = Path(cache_dir) / f"{safe_key}-{fmt}-{tag}-{fingerprint(weights)}.pt"
+    options = config_space(fmt)
     if path.exists():
-        return ErrorTable.load(path)
-    table = error_table(weights, config_space(fmt), fisher, progress)
+        table = _load_cached(path, weights, options)
+        if table is not None:
+            return table
+    table = error_table(weights, options, fisher, progress)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    table.save(tmp)
-    tmp.replace(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    try:
+        table.save(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return table
+
+
+def _load_cached(
+    path: Path, weights: Mapping[str, torch.Tensor], options: list[QuantConfig]
+) -> ErrorTable | None:
+    """The table cached at ``path``, or ``None`` after moving a damaged or mismatched file aside."""
+    try:
+        table = ErrorTable.load(path)
+        if (
+            table.names == list(weights)
+            and table.numels == [w.numel() for w in weights.values()]
+            and table.options == options
+            and tuple(table.errors.shape) == (len(weights), len(options))
+        ):
+            return table
+        problem = "for other matrices or options"
+    except Exception as exc:  # a damaged file fails in many ways (zip, unpickling, keys)
+        problem = f"unreadable ({type(exc).__name__})"
+    aside = path.with_name(path.name + ".corrupt")
+    with contextlib.suppress(FileNotFoundError):  # another process moved it aside first
+        os.replace(path, aside)
+    log.warning("error-table cache %s is %s; moved it to %s and rebuilding", path, problem, aside)
+    return None
 
 
 def diagonal_fisher(
