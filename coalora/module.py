@@ -44,6 +44,8 @@ class CoALoRAModule(L.LightningModule):
         train_configs: the initial training configuration set.
         val_configs: configurations scored in validation.
         metric: the task metric (a torchmetrics object; cloned per split).
+        metric_inputs: maps a batch's logits and labels to the metric's inputs (the task's
+            ``metric_inputs``: class ids, or next-token logits and targets).
         configs_per_step: k, configurations per step (the authors use 2).
         seed: seed of the configuration sampler.
         identity: what a checkpoint must match to be resumed by this module (model, quant
@@ -57,6 +59,7 @@ class CoALoRAModule(L.LightningModule):
         train_configs: Sequence[Sequence[int]],
         val_configs: Sequence[Sequence[int]],
         metric: Metric,
+        metric_inputs: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
         configs_per_step: int = 2,
         seed: int = 0,
         identity: Mapping[str, Any] | None = None,
@@ -69,7 +72,15 @@ class CoALoRAModule(L.LightningModule):
                 "train_configs is empty: at least one training configuration is needed"
             )
         self.save_hyperparameters(
-            ignore=["model", "optimizer", "metric", "train_configs", "val_configs", "identity"],
+            ignore=[
+                "model",
+                "optimizer",
+                "metric",
+                "metric_inputs",
+                "train_configs",
+                "val_configs",
+                "identity",
+            ],
             logger=False,
         )
         self.model = model
@@ -77,6 +88,7 @@ class CoALoRAModule(L.LightningModule):
         self.train_configs: list[Choice] = [model.check_choice(c) for c in train_configs]
         self.val_configs: list[Choice] = [model.check_choice(c) for c in val_configs]
         self.val_metric = metric.clone()
+        self.metric_inputs = metric_inputs
         self.epoch_configs: list[Choice] = []  # the set the latest epoch trained on
         self.trained_configs: list[Choice] = []  # every configuration ever in a training set
         self.configs_per_step = configs_per_step
@@ -109,7 +121,7 @@ class CoALoRAModule(L.LightningModule):
         size = batch["labels"].shape[0]
         for choice in self.val_configs:
             out = self.loss_under(choice, batch)
-            self.val_metric.update(out.logits.argmax(-1), batch["labels"])
+            self.val_metric.update(*self.metric_inputs(out.logits, batch["labels"]))
             self.log("val/loss", out.loss, batch_size=size, on_epoch=True)
         self.log("val/metric", self.val_metric, prog_bar=True, on_epoch=True)
 
@@ -117,7 +129,9 @@ class CoALoRAModule(L.LightningModule):
         return self.optimizer_factory(params=[p for p in self.parameters() if p.requires_grad])
 
     def frozen_keys(self) -> set[str]:
-        return {name for name, p in self.named_parameters() if not p.requires_grad}
+        return {
+            name for name, p in self.named_parameters(remove_duplicate=False) if not p.requires_grad
+        }
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         frozen = self.frozen_keys()

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,11 +30,12 @@ from coalora.configs import (
     initial_training_set,
     nearest_seen_config,
 )
-from coalora.data import TaskSpec, TextClassificationDataModule, build_metric
-from coalora.evaluation.evaluate import evaluate_configurations
+from coalora.data import Task, build_metric, build_task
+from coalora.evaluation.evaluate import evaluate_configurations, score_model
 from coalora.evaluation.report import (
     SPLITS,
     EvalRecord,
+    perplexity_score,
     plot_metric_vs_bits,
     results_table,
     summarize,
@@ -41,7 +44,7 @@ from coalora.evaluation.report import (
 )
 from coalora.io import atomic_write_text
 from coalora.model.backbone import Choice, QuantizedLoRAModel
-from coalora.model.hub import load_classifier, package_path
+from coalora.model.hub import check_model_for_task, load_backbone, package_path
 from coalora.model.targets import find_targets, target_weights
 from coalora.module import CoALoRAModule
 from coalora.quant import ErrorTable, cached_error_table, diagonal_fisher
@@ -52,7 +55,7 @@ OmegaConf.register_new_resolver("package_path", package_path, replace=True)
 
 
 def estimate_fisher(
-    cfg: DictConfig, backbone: torch.nn.Module, datamodule: TextClassificationDataModule
+    cfg: DictConfig, backbone: torch.nn.Module, datamodule: L.LightningDataModule
 ) -> dict[str, torch.Tensor] | None:
     """Diagonal Fisher of the pre-trained backbone's target weights on a few training batches
     (``quant.fisher_batches``; 0 disables weighting). The task head is still untrained here."""
@@ -65,9 +68,9 @@ def estimate_fisher(
     return diagonal_fisher(backbone, weights, batches)
 
 
-def load_error_table(cfg: DictConfig, datamodule: TextClassificationDataModule) -> ErrorTable:
+def load_error_table(cfg: DictConfig, datamodule: L.LightningDataModule) -> ErrorTable:
     """The pre-trained model's error table (cached on disk, DESIGN §3)."""
-    backbone = load_classifier(cfg.model.name_or_path, datamodule.num_labels)
+    backbone = load_backbone(cfg.model, datamodule.num_labels)
     fisher = estimate_fisher(cfg, backbone, datamodule)
     weights = target_weights(backbone, find_targets(backbone, cfg.model.module_types))
     return cached_error_table(weights, cfg.quant.fmt, cfg.paths.cache_dir, cfg.model.name, fisher)
@@ -175,8 +178,8 @@ class RunResult:
 def fit_and_evaluate(
     cfg: DictConfig,
     run: TrainingRun,
-    task: TaskSpec,
-    datamodule: TextClassificationDataModule,
+    task: Task,
+    datamodule: L.LightningDataModule,
     table: ErrorTable,
 ) -> RunResult:
     """Train one run and evaluate it: at every budget on unseen and seen configurations, or,
@@ -186,9 +189,7 @@ def fit_and_evaluate(
         cfg = copy.deepcopy(cfg)
         cfg.paths.output_dir = str(Path(cfg.paths.output_dir) / run.name)
     L.seed_everything(cfg.seed, workers=True)
-    model = QuantizedLoRAModel.from_run_config(
-        load_classifier(cfg.model.name_or_path, datamodule.num_labels), cfg
-    )
+    model = QuantizedLoRAModel.from_run_config(load_backbone(cfg.model, datamodule.num_labels), cfg)
     start = time.perf_counter()
     init_lora(cfg, model, table, run)
     val_configs = (
@@ -202,6 +203,7 @@ def fit_and_evaluate(
         train_configs=run.train_configs,
         val_configs=val_configs,
         metric=build_metric(task),
+        metric_inputs=task.metric_inputs,
         configs_per_step=cfg.method.configs_per_step,
         seed=cfg.seed,
         identity={
@@ -233,6 +235,7 @@ def fit_and_evaluate(
         configs,
         cfg.method.name,
         task.metric,
+        task.metric_inputs,
     )
     eval_seconds = time.perf_counter() - start
     for lg in loggers:
@@ -259,8 +262,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             "the configurations of the last trained epoch)"
         )
     L.seed_everything(cfg.seed, workers=True)
-    task = TaskSpec(**OmegaConf.to_container(cfg.task, resolve=True))
-    datamodule: TextClassificationDataModule = instantiate(cfg.data, _partial_=True)(task=task)
+    task = build_task(OmegaConf.to_container(cfg.task, resolve=True))
+    check_model_for_task(cfg.model, task.name, task.kind)
+    datamodule: L.LightningDataModule = instantiate(cfg.data, _partial_=True)(task=task)
     datamodule.setup()
     table = load_error_table(cfg, datamodule)
     check_budgets("eval.budgets", cfg.eval.budgets, table)
@@ -277,7 +281,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         )
     results = [fit_and_evaluate(cfg, run, task, datamodule, table) for run in runs]
     records = [r for result in results for r in result.records]
-    summary = write_reports(cfg, task, results, out_dir)
+    reference = unquantized_reference(cfg, task, datamodule)
+    summary = write_reports(cfg, task, results, out_dir, reference, hv_score(task, datamodule))
     Console().print(results_table(records))
     Console().print(
         f"hypervolume ({summary['compared_split']}) {summary['hv']:.4f} · "
@@ -300,27 +305,61 @@ def print_serving_hint(out_dir: Path, runs: list[TrainingRun]) -> None:
     )
 
 
+def hv_score(task: Task, datamodule: L.LightningDataModule) -> Callable[[float], float] | None:
+    """What the hypervolume measures of a metric value: the value itself (accuracy, F1, ...), or
+    for perplexity ``s = 1 − ln(ppl) / ln(V)`` (V the vocabulary size; a uniform model scores
+    0, a perfect one 1)."""
+    if task.metric != "perplexity":
+        return None
+    return functools.partial(perplexity_score, vocab_size=datamodule.vocab_size)
+
+
+@torch.no_grad()
+def unquantized_reference(
+    cfg: DictConfig, task: Task, datamodule: L.LightningDataModule
+) -> dict[str, float]:
+    """The pre-trained model's metric on the test split, unquantized and without adapters: a
+    reference line for language modelling (a fresh classification head means nothing)."""
+    if task.kind != "language_modeling":
+        return {}
+    model = load_backbone(cfg.model).eval()
+    return {
+        "unquantized": score_model(
+            model, datamodule.test_dataloader(), build_metric(task), task.metric_inputs
+        )[0]
+    }
+
+
 def write_reports(
-    cfg: DictConfig, task: TaskSpec, results: list[RunResult], out_dir: Path
+    cfg: DictConfig,
+    task: Task,
+    results: list[RunResult],
+    out_dir: Path,
+    reference: dict[str, float] | None = None,
+    score: Callable[[float], float] | None = None,
 ) -> dict[str, Any]:
     """``eval/results.{csv,json}``, ``eval/accuracy_vs_bits.png`` and ``summary.json``.
 
     The summary's ``hv`` is the hypervolume of the split methods are compared on: ``unseen``
     configurations for one-run methods, each budget's own allocation (``seen``) for
-    per-budget methods. ``train_seconds`` is the total over runs, the cost of serving every
-    evaluation budget.
+    per-budget methods, of the metric or of its ``score`` (see :func:`hv_score`).
+    ``train_seconds`` is the total over runs, the cost of serving every evaluation budget.
+    ``reference`` holds metrics drawn as reference lines (see :func:`unquantized_reference`).
     """
     records = [r for result in results for r in result.records]
     eval_dir = out_dir / "eval"
     write_results(records, eval_dir)
     write_configurations([c for result in results for c in result.configs], eval_dir)
     plot_metric_vs_bits(
-        records, eval_dir / "accuracy_vs_bits.png", title=f"{task.name} · {cfg.model.name}"
+        records,
+        eval_dir / "accuracy_vs_bits.png",
+        title=f"{task.name} · {cfg.model.name}",
+        reference=reference,
     )
     per_budget = results[0].run.budget is not None
     split = "seen" if per_budget else "unseen"
     summaries = {
-        s: summarize(records, s)[cfg.method.name]
+        s: summarize(records, s, score)[cfg.method.name]
         for s in SPLITS
         if any(r.split == s for r in records)
     }
@@ -332,7 +371,9 @@ def write_reports(
         "compared_split": split,
         "hv": summaries[split]["hv"],
         "metric": task.metric,
+        "hv_of": "1 - ln(perplexity) / ln(vocab_size)" if score else task.metric,
         "values": summaries[split]["values"],
+        "reference": reference or {},
         "hypervolume": {s: v["hv"] for s, v in summaries.items()},
         "train_seconds": sum(r.train_seconds for r in results),
         "eval_seconds": sum(r.eval_seconds for r in results),

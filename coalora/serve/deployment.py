@@ -16,7 +16,7 @@ from torch import nn
 from coalora.configs import allocate, config_bits, config_id
 from coalora.evaluation.report import read_configurations
 from coalora.model.backbone import Choice, QuantizedLoRAModel
-from coalora.model.hub import load_classifier, quiet_transformers
+from coalora.model.hub import load_backbone, quiet_transformers
 from coalora.quant import ErrorTable, QuantConfig, achievable_range, quantize
 from coalora.serve.packed import PackedLoRALinear
 from coalora.serve.run_files import RunFiles, read_run
@@ -85,7 +85,7 @@ class Deployment:
         """Rebuild a run's model from its folder (checkpoint, config, error table)."""
         run: RunFiles = read_run(run_dir)
         with quiet_transformers():
-            backbone = load_classifier(run.config["model"]["name_or_path"], run.num_labels)
+            backbone = load_backbone(run.config["model"], run.num_labels)
         model = QuantizedLoRAModel.from_run_config(backbone, run.config)
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         missing = sorted(trainable - set(run.state_dict))

@@ -28,11 +28,12 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoConfig
 
 from coalora.evaluation.report import read_results
 from coalora.io import atomic_directory, atomic_write_text
 from coalora.model.backbone import Choice
+from coalora.model.hub import load_tokenizer
 from coalora.quant import QuantConfig, QuantizedTensor
 from coalora.serve.packed import PACKED_FIELDS, PackedLoRALinear
 
@@ -165,7 +166,7 @@ def write_export(
         config = copy.deepcopy(served.config)
         config.architectures = [architecture]  # the class load_export rebuilds
         config.save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(dep.config["data"]["tokenizer_path"]).save_pretrained(tmp)
+        load_tokenizer(dep.config["model"]).save_pretrained(tmp)
         summary["export_bytes"] = sum(p.stat().st_size for p in tmp.iterdir())
         atomic_write_text(tmp / QUANTIZATION_NAME, json.dumps(summary, indent=1))
         atomic_write_text(tmp / "README.md", model_card(summary))

@@ -21,7 +21,7 @@ CHECKPOINT_PATH = Path("checkpoints") / "last.ckpt"
 
 
 def write_serving_files(
-    out_dir: str | Path, config: Mapping[str, Any], num_labels: int, table: ErrorTable
+    out_dir: str | Path, config: Mapping[str, Any], num_labels: int | None, table: ErrorTable
 ) -> None:
     """Write :data:`RUN_CONFIG_NAME` and :data:`ERROR_TABLE_NAME` into ``out_dir``, atomically."""
     out_dir = Path(out_dir)
@@ -40,7 +40,7 @@ class RunFiles:
     Attributes:
         run_dir: the run folder.
         config: its resolved configuration (``model``, ``quant``, ``method``, ``task``, ...).
-        num_labels: size of the task head.
+        num_labels: size of the task head (None for a language model).
         table: the error table the run allocated from.
         state_dict: the trainable weights of the checkpoint (LoRA factors, θ, task head),
             keyed as in :class:`coalora.model.backbone.QuantizedLoRAModel`.
@@ -48,7 +48,7 @@ class RunFiles:
 
     run_dir: Path
     config: dict[str, Any]
-    num_labels: int
+    num_labels: int | None
     table: ErrorTable
     state_dict: dict[str, torch.Tensor]
 
