@@ -149,8 +149,9 @@ def normalized_hypervolume(
 
     Args:
         avg_bits: average bit-width of each evaluated configuration, within ``bits_range``.
-        metric: its metric (accuracy, F1, ...), within [0, 1]; no clipping is applied, so
-            e.g. a negative Matthews correlation is an error.
+        metric: its metric (accuracy, F1, ...), at most 1. A point with a negative metric
+            (a negative Matthews correlation, a perplexity worse than a uniform model's) lies
+            below the reference point: it dominates no area and adds nothing.
         bits_range: ``(lo, hi)`` bits mapped to 0 and 1.
     """
     lo, hi = bits_range
@@ -166,7 +167,8 @@ def normalized_hypervolume(
         if not lo <= value <= hi:
             raise ValueError(f"average bits {value} outside bits_range [{lo}, {hi}]")
     for value in y:
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"metric value {value} outside [0, 1]")
-    x = (b - lo) / (hi - lo)
-    return hypervolume_2d(np.stack([x, -y], axis=1), (1.0, 0.0))
+        if not value <= 1.0:  # NaN fails too
+            raise ValueError(f"metric value {value} is not a number of at most 1")
+    above = y >= 0.0  # points below the reference point dominate nothing
+    x = (b[above] - lo) / (hi - lo)
+    return hypervolume_2d(np.stack([x, -y[above]], axis=1), (1.0, 0.0))

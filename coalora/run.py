@@ -43,6 +43,7 @@ from coalora.evaluation.report import (
     write_results,
 )
 from coalora.io import atomic_write_text
+from coalora.memory import PeakMemory
 from coalora.model.backbone import Choice, QuantizedLoRAModel
 from coalora.model.hub import check_model_for_task, load_backbone, package_path
 from coalora.model.targets import find_targets, target_weights
@@ -279,10 +280,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             f"ckpt_path resumes one run, but method={cfg.method.name} trains {len(runs)}: "
             "resume one budget at a time with eval.budgets=[<budget>]"
         )
-    results = [fit_and_evaluate(cfg, run, task, datamodule, table) for run in runs]
+    with PeakMemory() as memory:
+        results = [fit_and_evaluate(cfg, run, task, datamodule, table) for run in runs]
     records = [r for result in results for r in result.records]
     reference = unquantized_reference(cfg, task, datamodule)
-    summary = write_reports(cfg, task, results, out_dir, reference, hv_score(task, datamodule))
+    summary = write_reports(
+        cfg, task, results, out_dir, reference, hv_score(task, datamodule), memory.as_dict()
+    )
     Console().print(results_table(records))
     Console().print(
         f"hypervolume ({summary['compared_split']}) {summary['hv']:.4f} · "
@@ -337,6 +341,7 @@ def write_reports(
     out_dir: Path,
     reference: dict[str, float] | None = None,
     score: Callable[[float], float] | None = None,
+    memory: dict[str, float | None] | None = None,
 ) -> dict[str, Any]:
     """``eval/results.{csv,json}``, ``eval/accuracy_vs_bits.png`` and ``summary.json``.
 
@@ -344,7 +349,8 @@ def write_reports(
     configurations for one-run methods, each budget's own allocation (``seen``) for
     per-budget methods, of the metric or of its ``score`` (see :func:`hv_score`).
     ``train_seconds`` is the total over runs, the cost of serving every evaluation budget.
-    ``reference`` holds metrics drawn as reference lines (see :func:`unquantized_reference`).
+    ``reference`` holds metrics drawn as reference lines (see :func:`unquantized_reference`);
+    ``memory`` the peak memory of training and evaluation (:class:`coalora.memory.PeakMemory`).
     """
     records = [r for result in results for r in result.records]
     eval_dir = out_dir / "eval"
@@ -389,6 +395,7 @@ def write_reports(
             for r in results
         ],
         "trainable_parameters": results[0].trainable_parameters,
+        "memory": memory or {},
         "results": [r.__dict__ for r in records],
     }
     atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))

@@ -31,6 +31,7 @@ from omegaconf import OmegaConf
 METHODS = ("qlora", "lqlora", "shared", "coalora")
 LABELS = {"qlora": "QLoRA", "lqlora": "LQ-LoRA", "shared": "Shared-LoRA", "coalora": "CoA-LoRA"}
 SCORED_ON = {"seen": "own allocation", "unseen": "unseen configurations"}
+LOWER_IS_BETTER = {"perplexity"}
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -95,6 +96,8 @@ def setup_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "lr": lambda r: r["config"].method.optimizer.lr,
         "test_samples": lambda r: r["summary"]["results"][0]["num_samples"],
         "budgets": lambda r: list(r["config"].eval.budgets),
+        "hv_of": lambda r: r["summary"].get("hv_of", r["summary"]["metric"]),
+        "reference": lambda r: r["summary"].get("reference", {}),
     }
     setup = {}
     for name, get in fields.items():
@@ -134,6 +137,9 @@ def compare(runs: list[dict[str, Any]], budgets: list[float]) -> dict[str, dict[
             "split": summaries[0]["compared_split"],
             "hv": statistics.mean(s["hv"] for s in summaries),
             "total_time_s": statistics.mean(s["train_seconds"] for s in summaries),
+            "peak_rss_mib": max(
+                (s.get("memory", {}).get("peak_rss_mib") or 0.0 for s in summaries), default=0.0
+            ),
             "metric": {str(b): statistics.mean(v for _, v in points[b]) for b in budgets},
             "avg_bits": {str(b): statistics.mean(x for x, _ in points[b]) for b in budgets},
             "cumulative_time_s": cumulative_time(summaries, budgets),
@@ -173,13 +179,19 @@ def plot_lines(
     title: str,
     path: Path,
     integer_x: bool = False,
+    reference: dict[str, float] | None = None,
+    log_y: bool = False,
 ) -> None:
-    """One line with markers per label."""
+    """One line with markers per label; ``reference`` values as dashed horizontal lines."""
     fig = Figure(figsize=(6.4, 4.4))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     for label, (xs, ys) in lines.items():
         ax.plot(xs, ys, marker="o", label=label)
+    for label, value in (reference or {}).items():
+        ax.axhline(value, linestyle="--", color="grey", label=f"{label} ({value:.4g})")
+    if log_y:
+        ax.set_yscale("log")
     if integer_x:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel(xlabel)
@@ -202,7 +214,13 @@ def plot_comparison(comparison: dict, setup: dict, out_dir: Path) -> None:
         for m, c in comparison.items()
     }
     plot_lines(
-        metric, "average bits per parameter", setup["metric"], title, out_dir / "metric_vs_bits.png"
+        metric,
+        "average bits per parameter",
+        setup["metric"],
+        title,
+        out_dir / "metric_vs_bits.png",
+        reference=setup["reference"],
+        log_y=setup["metric"] in LOWER_IS_BETTER,
     )
     time = {
         LABELS[m]: (
@@ -230,43 +248,56 @@ def markdown(comparison: dict, setup: dict, command: str) -> str:
     budgets = [str(b) for b in setup["budgets"]]
     seeds = ", ".join(map(str, setup["seeds"]))
     samples = setup["train_samples"] or "all"
+    lower = setup["metric"] in LOWER_IS_BETTER
+    unit = f"blocks of {setup['max_length']} tokens" if lower else "examples"
+    score = setup["hv_of"] if setup["hv_of"] != setup["metric"] else setup["metric"]
+    reference = "".join(
+        f" Reference: the {label} pre-trained model scores {value:.4f} on the same test set."
+        for label, value in setup["reference"].items()
+    )
     lines = [
         f"# {setup['task']} · {setup['model_name']} · {setup['quant'].upper()} quantization",
         "",
         f"Command: `{command}`",
         "",
-        f"Setup: {samples} training examples, {setup['epochs']} epochs, seed(s) {seeds}, "
+        f"Setup: {samples} training {unit}, {setup['epochs']} epochs, seed(s) {seeds}, "
         f"batch {setup['batch_size']}, max length {setup['max_length']}, rank {setup['rank']}, "
-        f"lr {setup['lr']}; test set: {setup['test_samples']} examples. "
+        f"lr {setup['lr']}; test set: {setup['test_samples']} {unit}. "
         "Each method trains on the same data, epochs and seed.",
         "",
-        f"{setup['metric'].capitalize()} per average-bit budget. QLoRA and LQ-LoRA train one "
+        f"{setup['metric'].capitalize()} per average-bit budget "
+        f"({'lower' if lower else 'higher'} is better).{reference} QLoRA and LQ-LoRA train one "
         "adapter per budget and are scored on that budget's own allocation; Shared-LoRA and "
         "CoA-LoRA train once and are scored on unseen configurations (allocations never in "
-        "their training sets). HV: hypervolume of the (bits, metric) points, bits mapped from "
-        "[2, 8] to [0, 1], reference point (8 bits, metric 0). Time: total training wall time "
-        "to serve all budgets (per-budget methods: the sum of their runs), LoRA "
-        "initialisation and configuration search included, evaluation excluded; the jobs ran "
-        "one after another, so compare times within a report.",
+        f"their training sets). HV: hypervolume of the (bits, {score}) points, bits mapped "
+        "from [2, 8] to [0, 1], reference point (8 bits, 0); points below 0 add nothing. "
+        "Time: total training wall time to serve all budgets (per-budget methods: the sum of "
+        "their runs), LoRA initialisation and configuration search included, evaluation "
+        "excluded; the jobs ran one after another, so compare times within a report. Memory: "
+        "peak resident memory of a job's training and evaluation.",
         "",
-        *table_header(["method", *budgets, "HV", "time (min)"]),
+        *table_header(["method", *budgets, "HV", "time (min)", "peak memory (GiB)"]),
     ]
     for method, c in comparison.items():
         values = " | ".join(f"{c['metric'][b]:.4f}" for b in budgets)
-        time_min = c["total_time_s"] / 60
-        lines.append(f"| {LABELS[method]} | {values} | {c['hv']:.4f} | {time_min:.1f} |")
+        time_min, memory = c["total_time_s"] / 60, c["peak_rss_mib"] / 1024
+        lines.append(
+            f"| {LABELS[method]} | {values} | {c['hv']:.4f} | {time_min:.1f} | {memory:.2f} |"
+        )
     ours = comparison["coalora"]
+    sign = -1 if lower else 1
     lines += [
         "",
-        "CoA-LoRA minus each method (difference in the metric; negative where CoA-LoRA "
-        "loses), and CoA-LoRA's training time over the method's:",
+        "CoA-LoRA's advantage over each method (difference in the metric, positive where "
+        "CoA-LoRA is better, negative where it loses), and CoA-LoRA's training time over the "
+        "method's:",
         "",
         *table_header(["vs", *budgets, "HV", "time ratio"]),
     ]
     for method, c in comparison.items():
         if method == "coalora":
             continue
-        diffs = " | ".join(f"{ours['metric'][b] - c['metric'][b]:+.4f}" for b in budgets)
+        diffs = " | ".join(f"{sign * (ours['metric'][b] - c['metric'][b]):+.4f}" for b in budgets)
         ratio = ours["total_time_s"] / c["total_time_s"]
         lines.append(f"| {LABELS[method]} | {diffs} | {ours['hv'] - c['hv']:+.4f} | {ratio:.2f} |")
     if len(setup["seeds"]) > 1:

@@ -205,10 +205,11 @@ def results_table(records: Sequence[EvalRecord]) -> str:
 
 
 def perplexity_score(perplexity: float, vocab_size: int) -> float:
-    """``1 − ln(ppl) / ln(V)``: perplexity as a higher-is-better score in [0, 1] for the
-    hypervolume (a uniform model over the V tokens scores 0, a perfect model 1)."""
-    if not 1.0 <= perplexity <= vocab_size:
-        raise ValueError(f"perplexity {perplexity} is outside [1, vocab_size={vocab_size}]")
+    """``1 − ln(ppl) / ln(V)``: perplexity as a higher-is-better score for the hypervolume (a
+    uniform model over the V tokens scores 0, a perfect model 1; a model worse than uniform
+    scores below 0 and adds no hypervolume)."""
+    if not perplexity >= 1.0:
+        raise ValueError(f"perplexity {perplexity} is below 1, which no model can reach")
     return 1.0 - math.log(perplexity) / math.log(vocab_size)
 
 

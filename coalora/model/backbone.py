@@ -183,8 +183,12 @@ class QuantizedLoRAModel(nn.Module):
 
     @classmethod
     def from_run_config(cls, backbone: nn.Module, cfg: Mapping[str, Any]) -> QuantizedLoRAModel:
-        """Wrap ``backbone`` as a run's ``model``/``quant``/``method`` config describes."""
+        """Wrap ``backbone`` as a run's ``model``/``quant``/``method`` config describes;
+        ``model.gradient_checkpointing`` recomputes each block's activations in the backward
+        pass instead of keeping them (and the dequantized weights they saved)."""
         method = cfg["method"]
+        if cfg["model"].get("gradient_checkpointing"):
+            backbone.gradient_checkpointing_enable({"use_reentrant": False})
         return cls(
             backbone,
             fmt=cfg["quant"]["fmt"],
