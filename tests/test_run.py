@@ -20,9 +20,11 @@ from coalora.search.callback import ParetoSearchCallback
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = {
-    "task": ["sst2", "mnli", "qnli", "qqp", "rte", "mrpc", "cola", "sentiment"],
+    "task": ["sst2", "mnli", "qnli", "qqp", "rte", "mrpc", "cola", "sentiment"]
+    + ["wikitext2", "c4", "text"],
     "quant": ["nf", "int"],
-    "model": ["minilm", "roberta-base", "roberta-large"],
+    "model": ["minilm", "roberta-base", "roberta-large"]
+    + ["smollm2", "qwen2.5-0.5b", "qwen2.5-1.5b", "llama2-7b"],
     "trainer": ["cpu", "gpu", "ddp"],
     "logger": ["csv", "wandb", "none"],
     "search": ["pareto_gp", "random", "frozen"],
