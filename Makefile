@@ -42,15 +42,18 @@ demo: install
 	WANDB_MODE=disabled $(BIN)/python -m coalora.run experiment=demo
 
 # The four methods side by side (experiments/compare.py) with MiniLM: SST-2 and RTE with NF,
-# SST-2 with integer quantization. Reports go to experiments/results/<task>-minilm-<quant>/.
-# About 3 hours on a 2-core CPU (one thread per job; the three could run side by side).
+# SST-2 with integer quantization; with SmolLM2 on WikiText-2. Reports go to
+# experiments/results/<task>-<model>-<quant>/. About 4 hours on a 2-core CPU (one thread per
+# job; they could run side by side).
 COALORA_GLUE_DIR ?= ../shared/data/glue
+COALORA_TEXT_DIR ?= ../shared/data
 COMPARE := WANDB_MODE=disabled OMP_NUM_THREADS=1 COALORA_GLUE_DIR=$(COALORA_GLUE_DIR) \
-	$(BIN)/python experiments/compare.py experiment=compare_minilm
+	COALORA_TEXT_DIR=$(COALORA_TEXT_DIR) $(BIN)/python experiments/compare.py
 compare: install
-	$(COMPARE) task=sst2 quant=nf
-	$(COMPARE) task=rte quant=nf data.max_train_samples=1000
-	$(COMPARE) task=sst2 quant=int
+	$(COMPARE) experiment=compare_minilm task=sst2 quant=nf
+	$(COMPARE) experiment=compare_minilm task=rte quant=nf data.max_train_samples=1000
+	$(COMPARE) experiment=compare_minilm task=sst2 quant=int
+	$(COMPARE) experiment=compare_smollm2
 
 clean:
 	rm -rf outputs multirun wandb lightning_logs .pytest_cache .ruff_cache
