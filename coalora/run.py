@@ -105,9 +105,14 @@ def training_runs(cfg: DictConfig, table: ErrorTable) -> list[TrainingRun]:
             f"method.training_set={method.training_set!r}; choose one of {TRAINING_SETS}"
         )
     if method.training_set != "grid" and cfg.search.get("callback"):
+        wrong = (
+            "search.callback settings (set them only for a search)"
+            if cfg.search.name == "frozen"
+            else f"search={cfg.search.name}"
+        )
         raise ValueError(
             f"method={method.name} trains a fixed set of configurations; run it with "
-            f"search=frozen, not search={cfg.search.name}"
+            f"search=frozen, not {wrong}"
         )
     if method.training_set == "grid":
         return [
