@@ -60,3 +60,19 @@ def table() -> ErrorTable:
     bpp = np.array([o.bits_per_param for o in options])
     errors = np.outer(numels, 4.0**-bpp) * rng.uniform(0.8, 1.2, (len(numels), len(options)))
     return ErrorTable([f"m{i}" for i in range(4)], numels, options, torch.tensor(errors))
+
+
+def tiny_llama_config(vocab_size: int, **changes):
+    """A 2-block LLaMA architecture (hidden 64) for fast causal-LM tests."""
+    from transformers import LlamaConfig
+
+    settings = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    return LlamaConfig(**{**settings, **changes})

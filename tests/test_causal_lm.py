@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_llama_config
 from hydra import compose, initialize_config_dir
 from peft import PeftModel
-from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
 from coalora.evaluation import read_results
 from coalora.evaluation.report import perplexity_score
@@ -30,17 +31,7 @@ def tiny_llama(minilm_dir, shared_data_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny-llama")
     tokenizer = AutoTokenizer.from_pretrained(minilm_dir)
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-    )
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(tiny_llama_config(len(tokenizer), tie_word_embeddings=True))
     ids = tokenizer(text.read_text()[:200_000], add_special_tokens=False).input_ids
     blocks = torch.tensor(ids[: len(ids) // 64 * 64]).view(-1, 64)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)

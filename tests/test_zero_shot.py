@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from conftest import tiny_llama_config
+from transformers import AutoTokenizer, LlamaForCausalLM
 
 from coalora.evaluation.zero_shot import evaluate_zero_shot
 
@@ -31,16 +32,7 @@ def tokenizer(minilm_dir):
 @pytest.fixture(scope="module")
 def tiny_llama(tokenizer) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    return LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(tiny_llama_config(len(tokenizer))).eval()
 
 
 @pytest.fixture
