@@ -23,6 +23,12 @@ def config_id(choice: Sequence[int]) -> str:
     return hashlib.sha1(",".join(str(int(j)) for j in choice).encode()).hexdigest()[:12]
 
 
+def config_set_id(configs: Sequence[Sequence[int]]) -> str:
+    """A short stable name of an ordered configuration set: 12 hex digits of a hash of its
+    members' :func:`config_id` in order (the order matters: the sampler draws by position)."""
+    return hashlib.sha1("|".join(config_id(c) for c in configs).encode()).hexdigest()[:12]
+
+
 def budget_grid(start: float, stop: float, step: float) -> list[float]:
     """Budgets ``start, start + step, ...`` up to ``stop`` inclusive (rounded to 1e-6)."""
     if step <= 0 or stop < start:

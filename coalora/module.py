@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -9,7 +10,10 @@ import lightning as L
 import torch
 from torchmetrics import Metric
 
+from coalora.configs import config_set_id
 from coalora.model.backbone import Choice, QuantizedLoRAModel
+
+log = logging.getLogger(__name__)
 
 
 def check_identity(checkpoint: Mapping[str, Any], identity: Mapping[str, Any]) -> None:
@@ -37,6 +41,11 @@ def check_identity(checkpoint: Mapping[str, Any], identity: Mapping[str, Any]) -
 class CoALoRAModule(L.LightningModule):
     """Each step samples ``configs_per_step`` training configurations, runs the batch under
     each, and averages their losses. Validation runs every configuration of ``val_configs``.
+
+    Under several processes (DDP) every rank trains on the same configuration set and draws
+    the same configurations each step (the sampler is seeded alike and advanced once per step
+    on every rank), each on its own shard of the data; :meth:`check_ranks_agree` verifies it
+    at every epoch start.
 
     Args:
         model: the quantized LoRA model (built outside, as in lightning-hydra-template).
@@ -97,9 +106,33 @@ class CoALoRAModule(L.LightningModule):
         self.strict_loading = False  # checkpoints omit the frozen pre-trained weights
 
     def on_train_epoch_start(self) -> None:
+        self.check_ranks_agree()
         self.epoch_configs = list(self.train_configs)
         known = set(self.trained_configs)
         self.trained_configs += [c for c in self.train_configs if c not in known]
+        log.info(
+            "epoch %d: rank %d of %d trains %d configurations, set %s",
+            self.current_epoch,
+            self.global_rank,
+            self.trainer.world_size,
+            len(self.train_configs),
+            config_set_id(self.train_configs),
+        )
+
+    def check_ranks_agree(self) -> None:
+        """Raise unless this rank's training set and sampler state equal rank 0's (a no-op in
+        a single process): with different sets or draws, DDP would average gradients of
+        different configuration mixes."""
+        if self.trainer.world_size == 1:
+            return
+        mine = (config_set_id(self.train_configs), self.sampler.get_state())
+        reference = self.trainer.strategy.broadcast(mine, src=0)
+        if reference[0] != mine[0] or not torch.equal(reference[1], mine[1]):
+            raise RuntimeError(
+                f"rank {self.global_rank} would train epoch {self.current_epoch} on "
+                f"configuration set {mine[0]} with its own sampler state, rank 0 on set "
+                f"{reference[0]}: the ranks are out of step"
+            )
 
     def sample_configs(self) -> list[Choice]:
         """k distinct configurations drawn uniformly from the training set."""
@@ -122,7 +155,7 @@ class CoALoRAModule(L.LightningModule):
         for choice in self.val_configs:
             out = self.loss_under(choice, batch)
             self.val_metric.update(*self.metric_inputs(out.logits, batch["labels"]))
-            self.log("val/loss", out.loss, batch_size=size, on_epoch=True)
+            self.log("val/loss", out.loss, batch_size=size, on_epoch=True, sync_dist=True)
         self.log("val/metric", self.val_metric, prog_bar=True, on_epoch=True)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:

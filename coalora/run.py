@@ -17,6 +17,7 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
@@ -143,13 +144,17 @@ def init_lora(
 def make_trainer(
     cfg: DictConfig, table: ErrorTable, run: TrainingRun
 ) -> tuple[L.Trainer, list[Logger]]:
-    """The trainer with the configured loggers and callbacks (the search callback first)."""
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    """The trainer with the configured loggers and callbacks (the search callback first).
+
+    A per-budget run's W&B run is named after the method's with the run's name appended
+    (``...-budget_3.0``); the runs of one method share the configured ``group``."""
+    loggers = [instantiate(c, **wandb_run_name(c, run)) for c in (cfg.get("logger") or {}).values()]
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     if cfg.search.get("callback"):
         search = instantiate(cfg.search.strategy, _partial_=True)(table, run.train_configs)
         callbacks.insert(0, instantiate(cfg.search.callback, _partial_=True)(search))
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    check_launch(trainer)
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     return trainer, loggers
@@ -223,14 +228,17 @@ def fit_and_evaluate(
         },
     )
     trainer, loggers = make_trainer(cfg, table, run)
-    write_serving_files(
-        cfg.paths.output_dir,
-        OmegaConf.to_container(cfg, resolve=True),
-        datamodule.num_labels,
-        table,
-    )
+    if trainer.is_global_zero:
+        write_serving_files(
+            cfg.paths.output_dir,
+            OmegaConf.to_container(cfg, resolve=True),
+            datamodule.num_labels,
+            table,
+        )
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     train_seconds = time.perf_counter() - start
+    if not trainer.is_global_zero:  # several processes: rank 0 alone evaluates
+        return RunResult(run, [], [], train_seconds, 0.0, {}, 0, 0)
 
     start = time.perf_counter()
     configs = run_evaluation_configs(cfg, table, run, module)
@@ -259,7 +267,12 @@ def fit_and_evaluate(
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Train every run of the method, evaluate, write the reports; returns the summary."""
+    """Train every run of the method, evaluate, write the reports; returns the summary.
+
+    Several processes (``trainer=ddp``, ``ddp_cpu``): every rank runs this whole function and
+    trains; only global rank 0 evaluates and writes the reports, serving files and console
+    output (Lightning writes the checkpoints from rank 0); the other ranks return ``{}`` once
+    their training is done."""
     out_dir = Path(cfg.paths.output_dir)
     max_epochs = cfg.trainer.get("max_epochs")
     if max_epochs is not None and (max_epochs == 0 or max_epochs < -1):
@@ -287,6 +300,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         )
     with PeakMemory() as memory:
         results = [fit_and_evaluate(cfg, run, task, datamodule, table) for run in runs]
+    if rank_zero_only.rank != 0:  # a multi-process run's other ranks only train
+        return {}
     records = [r for result in results for r in result.records]
     reference = unquantized_reference(cfg, task, datamodule)
     summary = write_reports(
@@ -427,10 +442,59 @@ def log_to_wandb(logger: Logger, records: list[EvalRecord], eval_dir: Path) -> N
     logger.experiment.finish()
 
 
+WANDB_LOGGER = "lightning.pytorch.loggers.WandbLogger"
+
+
+def wandb_run_name(logger_cfg: DictConfig, run: TrainingRun) -> dict[str, str]:
+    """``name`` for a W&B logger of a per-budget run: the configured name plus the run's name
+    (``budget_<b>``), so a method's per-budget runs are told apart; nothing otherwise."""
+    if logger_cfg.get("_target_") != WANDB_LOGGER or not run.name:
+        return {}
+    return {"name": f"{logger_cfg.name}-{run.name}"}
+
+
+def check_launch(trainer: L.Trainer) -> None:
+    """Refuse a Hydra ``--multirun`` whose trainer would re-launch the script for its other
+    processes (strategy ``ddp`` without a launcher that starts one process per device, e.g.
+    SLURM tasks): each re-launched process would run the whole sweep again."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from lightning.pytorch.strategies.launchers.subprocess_script import (
+        _SubprocessScriptLauncher,
+    )
+
+    launcher = trainer.strategy.launcher
+    if (
+        isinstance(launcher, _SubprocessScriptLauncher)
+        and not launcher.cluster_environment.creates_processes_externally
+        and HydraConfig.initialized()
+        and HydraConfig.get().mode == RunMode.MULTIRUN
+    ):
+        raise ValueError(
+            f"strategy={type(trainer.strategy).__name__} with {trainer.num_devices} devices "
+            "re-launches `python -m coalora.run` for its other processes, which cannot be done "
+            "inside --multirun: run each job on its own, or sweep with a launcher that starts "
+            "one process per device (hydra/launcher=submitit_slurm with "
+            "hydra.launcher.tasks_per_node=<devices>)"
+        )
+
+
+def quiet_console_off_rank_zero() -> None:
+    """On a process of a multi-process run other than rank 0 (from the launcher's environment:
+    ``RANK``, ``LOCAL_RANK``, ``SLURM_PROCID``), show only warnings and errors on the console;
+    its Hydra log file (``train_ddp_process_<k>.log`` in the run folder) keeps everything."""
+    if rank_zero_only.rank == 0:
+        return
+    for handler in logging.getLogger().handlers:
+        if type(handler) is logging.StreamHandler:
+            handler.setLevel(max(handler.level, logging.WARNING))
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
-def main(cfg: DictConfig) -> float:
+def main(cfg: DictConfig) -> float | None:
     torch.set_float32_matmul_precision("high")
-    return train(cfg)["hv"]
+    quiet_console_off_rank_zero()
+    return train(cfg).get("hv")  # None on ranks other than 0
 
 
 if __name__ == "__main__":

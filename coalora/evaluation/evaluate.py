@@ -41,11 +41,13 @@ def score_model(
     metric_inputs: MetricInputs,
 ) -> tuple[float, float, int]:
     """Metric value, mean loss and sample count of any model returning ``loss`` and ``logits``
-    (in eval mode, restored afterwards)."""
+    (in eval mode, restored afterwards). The metric covers these batches only: it is not
+    synchronised with other processes (a multi-process run evaluates on rank 0 alone)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     metric = metric.clone().to(device)
+    metric.distributed_available_fn = lambda: False  # torchmetrics: compute without syncing
     total_loss, count = 0.0, 0
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}

@@ -38,6 +38,10 @@ class ParetoSearchCallback(L.Callback):
     validation, so the checkpoint written at the end of epoch k already holds the search's
     result and state: a run resumed from it trains epoch k+1 on the same set.
 
+    Several processes (DDP): only global rank 0 scores and searches (the others wait in the
+    broadcast); its search state, and so the next training set, is broadcast, so every rank
+    holds the same pool and trains on the same set. Rank 0 alone logs and writes the reports.
+
     Args:
         search: the search (its initial pool is the module's initial training set).
         dirpath: folder of the per-epoch reports.
@@ -69,6 +73,17 @@ class ParetoSearchCallback(L.Callback):
         epoch = trainer.current_epoch
         if (epoch + 1) % self.interval:
             return
+        result = self._search(trainer, pl_module) if trainer.is_global_zero else None
+        if trainer.world_size > 1:
+            state = trainer.strategy.broadcast(self.search.state_dict(), src=0)
+            if not trainer.is_global_zero:
+                self.search.load_state_dict(state)
+        pl_module.train_configs = list(self.search.configs)
+        if result is not None:
+            self._report(result, epoch, trainer)
+
+    def _search(self, trainer: L.Trainer, pl_module: L.LightningModule) -> SearchRound:
+        """One round, scored on this process's copy of the model."""
         batches = [
             {k: v.to(pl_module.device) for k, v in batch.items()}
             for batch in trainer.datamodule.heldout_batches(
@@ -79,13 +94,10 @@ class ParetoSearchCallback(L.Callback):
         def score(configs: list[Choice]) -> list[float]:
             return [heldout_loss(pl_module, c, batches) for c in configs]
 
-        result = self.search.step(score)
-        pl_module.train_configs = list(self.search.configs)
-        self._report(result, epoch, trainer, pl_module)
+        return self.search.step(score)
 
-    def _report(
-        self, result: SearchRound, epoch: int, trainer: L.Trainer, pl_module: L.LightningModule
-    ) -> None:
+    def _report(self, result: SearchRound, epoch: int, trainer: L.Trainer) -> None:
+        """Metrics to the loggers, ``epoch_<k>.json`` and ``.png`` (global rank 0 only)."""
         kept_bits = [result.bits[i] for i in result.kept]
         metrics = {
             "search/train_set_size": float(len(result.kept)),
@@ -94,10 +106,8 @@ class ParetoSearchCallback(L.Callback):
             "search/pool_hv": result.pool_hypervolume,
             "search/seconds": result.seconds,
         }
-        for name, value in metrics.items():
-            pl_module.log(name, value, on_epoch=True)
-        if not trainer.is_global_zero:
-            return
+        for logger in trainer.loggers:  # rank 0 alone has them: straight to the loggers
+            logger.log_metrics(metrics, step=trainer.global_step)
         self.dirpath.mkdir(parents=True, exist_ok=True)
         record = {"epoch": epoch, **result.to_dict()}
         (self.dirpath / f"epoch_{epoch}.json").write_text(json.dumps(record, indent=1))
