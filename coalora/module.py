@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import pickle
+import re
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -14,6 +17,50 @@ from coalora.configs import config_set_id
 from coalora.model.backbone import Choice, QuantizedLoRAModel
 
 log = logging.getLogger(__name__)
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint written by coalora, safely: with ``weights_only=True`` (tensors and
+    plain values only; a pickled object that would run code on load is refused unloaded).
+
+    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming the file for a
+    folder, an empty, truncated or foreign file, and one without coalora's state.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"ckpt_path={path}: no such file (resume from a run's checkpoints/last.ckpt)"
+        )
+    if not path.is_file():
+        raise ValueError(f"ckpt_path={path} is a folder; give its checkpoints/last.ckpt")
+    if path.stat().st_size == 0:
+        raise ValueError(f"ckpt_path={path}: the file is empty, not a checkpoint")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        what = f"the Python object {found.group(1)}" if found else "pickled Python objects"
+        raise ValueError(
+            f"ckpt_path={path}: refused: it holds {what}, not only tensors and plain values; "
+            "loading it could run code, and coalora checkpoints never hold such objects"
+        ) from None
+    except Exception as err:  # truncated, not a torch.save file
+        reason = str(err).split(". ")[0].strip() or type(err).__name__
+        raise ValueError(
+            f"ckpt_path={path}: not a readable checkpoint, truncated or not written by "
+            f"torch.save ({reason})"
+        ) from None
+    missing = [
+        key
+        for key in ("state_dict", "coalora")
+        if not isinstance(checkpoint, dict) or key not in checkpoint
+    ]
+    if missing:
+        raise ValueError(
+            f"ckpt_path={path}: not a coalora checkpoint (it lacks {missing}); resume from a "
+            "run's checkpoints/last.ckpt"
+        )
+    return checkpoint
 
 
 def check_identity(checkpoint: Mapping[str, Any], identity: Mapping[str, Any]) -> None:

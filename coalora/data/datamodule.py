@@ -14,12 +14,18 @@ from coalora.data.sources import load_task
 from coalora.data.task import TaskSpec
 
 
-def subsample(dataset: datasets.Dataset, n: int | None, seed: int) -> datasets.Dataset:
-    """The first ``n`` examples after a shuffle seeded by ``seed``; all when ``n`` is None."""
+def subsample(
+    dataset: datasets.Dataset, n: int | None, seed: int, name: str = "n"
+) -> datasets.Dataset:
+    """The first ``n`` examples after a shuffle seeded by ``seed``; all when ``n`` is None.
+    ``name`` is the setting ``n`` came from, named in the error for an ``n`` out of range."""
     if n is None:
         return dataset
     if not 1 <= n <= len(dataset):
-        raise ValueError(f"Cannot take {n} samples from a split of {len(dataset)} examples")
+        raise ValueError(
+            f"Cannot take {n} samples from a split of {len(dataset)} examples ({name} must be "
+            f"1 to {len(dataset)}, or null for all)"
+        )
     return dataset.shuffle(seed=seed).select(range(n))
 
 
@@ -116,9 +122,9 @@ class TextClassificationDataModule(L.LightningDataModule):
             )
         carved = raw["train"].train_test_split(test_size=hp.val_size, seed=hp.seed)
         splits = {
-            "train": subsample(carved["train"], hp.max_train_samples, hp.seed),
+            "train": subsample(carved["train"], hp.max_train_samples, hp.seed, "max_train_samples"),
             "val": carved["test"],
-            "test": subsample(raw["test"], hp.max_eval_samples, hp.seed),
+            "test": subsample(raw["test"], hp.max_eval_samples, hp.seed, "max_eval_samples"),
         }
         self._splits = {name: self._tokenize(split) for name, split in splits.items()}
 

@@ -386,9 +386,9 @@ class LanguageModelingDataModule(L.LightningDataModule):
             )
         carved = train.train_test_split(test_size=hp.val_size, seed=hp.seed)
         splits = {
-            "train": subsample(carved["train"], hp.max_train_samples, hp.seed),
+            "train": subsample(carved["train"], hp.max_train_samples, hp.seed, "max_train_samples"),
             "val": carved["test"],
-            "test": subsample(test, hp.max_eval_samples, hp.seed),
+            "test": subsample(test, hp.max_eval_samples, hp.seed, "max_eval_samples"),
         }
         self._splits = {name: split.with_format("torch") for name, split in splits.items()}
 

@@ -74,7 +74,10 @@ def _read_glue_tsv(path: Path, task: TaskSpec) -> datasets.Dataset:
     texts: list[list[str]] = [[] for _ in task.text_fields]
     labels: list[int] = []
     # read_utf8 drops the byte-order mark that starts the MRPC files.
-    lines = io.StringIO(read_utf8(path), newline="")
+    text = read_utf8(path)
+    if not text.strip():
+        raise ValueError(f"{path}: the file is empty")
+    lines = io.StringIO(text, newline="")
     reader = csv.reader(lines, delimiter="\t", quoting=csv.QUOTE_NONE)
     if task.has_header:
         header = next(reader, [])
@@ -104,6 +107,8 @@ def _read_glue_tsv(path: Path, task: TaskSpec) -> datasets.Dataset:
         labels.append(label_ids[value])
         for column, position in zip(texts, text_positions, strict=True):
             column.append(row[position])
+    if not labels:
+        raise ValueError(f"{path}: no examples (the file holds only its header)")
     columns = dict(zip(task.text_fields, texts, strict=True))
     return _to_dataset(columns, labels, task.label_names)
 

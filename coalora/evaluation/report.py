@@ -20,7 +20,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from coalora.configs import EvalConfig
-from coalora.io import atomic_write_text
+from coalora.io import atomic_write, atomic_write_text
 from coalora.pareto import normalized_hypervolume
 
 Split = Literal["seen", "unseen"]
@@ -150,7 +150,7 @@ def plot_metric_vs_bits(
 
     Args:
         records: records with a single metric name.
-        path: the PNG to write; its folder is created.
+        path: the PNG to write (atomically); its folder is created.
         title: optional plot title.
         reference: metric values drawn as dashed horizontal lines, by label.
     """
@@ -169,10 +169,7 @@ def plot_metric_vs_bits(
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=PLOT_DPI, format="png")
-    return path
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=PLOT_DPI, format="png"))
 
 
 def _by_budget(records: Sequence[EvalRecord]) -> dict[float, float]:

@@ -177,16 +177,24 @@ class QuantizedTensor:
 def quantize(w: torch.Tensor, config: QuantConfig) -> QuantizedTensor:
     """Quantize ``w`` with ``config`` (steps 1–5 of DESIGN §2).
 
-    Raises ``ValueError`` for non-float, empty or non-finite ``w``, and
-    :class:`ScaleOverflowError` (a ``ValueError``) if its scales overflow
-    ``config.scale_dtype``.
+    Any shape, layout and floating-point dtype: ``w`` is quantized in fp32 and
+    :meth:`QuantizedTensor.dequantize` returns its shape and dtype.
+
+    Raises ``TypeError`` for a ``w`` that is not a tensor, ``ValueError`` for non-float, empty
+    or non-finite ``w``, and :class:`ScaleOverflowError` (a ``ValueError``) if its scales
+    overflow ``config.scale_dtype``.
     """
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"quantize needs a torch.Tensor, got {type(w).__name__}")
     if not w.is_floating_point():
         raise ValueError(f"quantize needs a floating-point tensor, got dtype {w.dtype}")
     if w.numel() == 0:
-        raise ValueError("quantize needs a non-empty tensor")
+        raise ValueError(f"quantize needs a non-empty tensor, got shape {tuple(w.shape)}")
     if not torch.isfinite(w).all():
-        raise ValueError("quantize got NaN or infinite weights")
+        nan, inf = int(torch.isnan(w).sum()), int(torch.isinf(w).sum())
+        raise ValueError(
+            f"quantize got NaN or infinite weights ({nan} NaN and {inf} infinite of {w.numel()})"
+        )
     blocks = to_blocks(w, config.block_size)
     scales = double_quantize(
         blocks.abs().amax(dim=1), config.scale_bits, config.scale_dtype, config.scale_block_size

@@ -12,6 +12,7 @@ from lightning.pytorch.loggers import WandbLogger
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from coalora.io import atomic_write, atomic_write_text
 from coalora.model.backbone import Choice
 from coalora.search.search import ParetoGPSearch, SearchRound
 
@@ -31,7 +32,8 @@ class ParetoSearchCallback(L.Callback):
     Each round writes ``<dirpath>/epoch_<k>.json`` (pool, proposals and training set with their
     bits and losses, the pool hypervolume, acquisition evaluations, seconds) and a plot
     ``epoch_<k>.png``, and logs ``search/train_set_size``, ``search/bits_min``,
-    ``search/bits_max``, ``search/pool_hv`` and ``search/seconds`` (and the plot to W&B).
+    ``search/bits_max``, ``search/pool_hv`` and ``search/seconds`` (and the plot to W&B). Both
+    files are written atomically (a temporary file renamed into place).
 
     Ordering: Lightning calls ``on_train_epoch_end`` of ordinary callbacks before that of
     checkpoint callbacks (and puts ``ModelCheckpoint`` last in the list), after the epoch's
@@ -110,7 +112,7 @@ class ParetoSearchCallback(L.Callback):
             logger.log_metrics(metrics, step=trainer.global_step)
         self.dirpath.mkdir(parents=True, exist_ok=True)
         record = {"epoch": epoch, **result.to_dict()}
-        (self.dirpath / f"epoch_{epoch}.json").write_text(json.dumps(record, indent=1))
+        atomic_write_text(self.dirpath / f"epoch_{epoch}.json", json.dumps(record, indent=1))
         plot = plot_round(
             result, self.dirpath / f"epoch_{epoch}.png", f"search after epoch {epoch}"
         )
@@ -143,7 +145,8 @@ def heldout_loss(
 
 
 def plot_round(result: SearchRound, path: Path, title: str = "") -> Path:
-    """Scatter of held-out loss against average bits: pool, proposals and the chosen set."""
+    """Scatter of held-out loss against average bits: pool, proposals and the chosen set,
+    written atomically to ``path``."""
     fig = Figure(figsize=(6.4, 4.4))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
@@ -166,5 +169,4 @@ def plot_round(result: SearchRound, path: Path, title: str = "") -> Path:
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=PLOT_DPI, format="png")
-    return path
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=PLOT_DPI, format="png"))
