@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import pickle
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,22 @@ def check_identity(checkpoint: Mapping[str, Any], identity: Mapping[str, Any]) -
             + "; ".join(differences)
             + "); resume with the checkpoint's settings or start a new run"
         )
+
+
+@contextlib.contextmanager
+def full_parameters(trainer: L.Trainer) -> Iterator[None]:
+    """Every parameter whole on this process inside the block, for work outside the training
+    step (the configuration search, evaluation). Under FSDP the shards are gathered, a
+    collective every rank must enter, and not written back; under other strategies nothing
+    changes."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    model = trainer.strategy.model
+    if isinstance(model, FullyShardedDataParallel):
+        with FullyShardedDataParallel.summon_full_params(model, writeback=False):
+            yield
+    else:
+        yield
 
 
 class CoALoRAModule(L.LightningModule):

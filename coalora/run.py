@@ -48,7 +48,7 @@ from coalora.memory import PeakMemory
 from coalora.model.backbone import Choice, QuantizedLoRAModel
 from coalora.model.hub import check_model_for_task, load_backbone, package_path
 from coalora.model.targets import find_targets, target_weights
-from coalora.module import CoALoRAModule
+from coalora.module import CoALoRAModule, full_parameters
 from coalora.quant import ErrorTable, cached_error_table, diagonal_fisher
 from coalora.serve.run_files import write_serving_files
 
@@ -237,21 +237,21 @@ def fit_and_evaluate(
         )
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     train_seconds = time.perf_counter() - start
-    if not trainer.is_global_zero:  # several processes: rank 0 alone evaluates
-        return RunResult(run, [], [], train_seconds, 0.0, {}, 0, 0)
-
-    start = time.perf_counter()
-    configs = run_evaluation_configs(cfg, table, run, module)
-    records = evaluate_configurations(
-        model,
-        datamodule.test_dataloader(),
-        build_metric(task),
-        configs,
-        cfg.method.name,
-        task.metric,
-        task.metric_inputs,
-    )
-    eval_seconds = time.perf_counter() - start
+    with full_parameters(trainer):
+        if not trainer.is_global_zero:  # several processes: rank 0 alone evaluates
+            return RunResult(run, [], [], train_seconds, 0.0, {}, 0, 0)
+        start = time.perf_counter()
+        configs = run_evaluation_configs(cfg, table, run, module)
+        records = evaluate_configurations(
+            model,
+            datamodule.test_dataloader(),
+            build_metric(task),
+            configs,
+            cfg.method.name,
+            task.metric,
+            task.metric_inputs,
+        )
+        eval_seconds = time.perf_counter() - start
     for lg in loggers:
         log_to_wandb(lg, records, Path(cfg.paths.output_dir) / "eval")
     return RunResult(

@@ -25,7 +25,7 @@ GROUPS = {
     "quant": ["nf", "int"],
     "model": ["minilm", "roberta-base", "roberta-large"]
     + ["smollm2", "qwen2.5-0.5b", "qwen2.5-1.5b", "llama2-7b"],
-    "trainer": ["cpu", "gpu", "ddp"],
+    "trainer": ["cpu", "gpu", "ddp", "ddp_cpu", "fsdp"],
     "logger": ["csv", "wandb", "none"],
     "search": ["pareto_gp", "random", "frozen"],
     "method": ["coalora", "shared", "qlora", "lqlora"],

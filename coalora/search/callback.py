@@ -14,6 +14,7 @@ from matplotlib.figure import Figure
 
 from coalora.io import atomic_write, atomic_write_text
 from coalora.model.backbone import Choice
+from coalora.module import full_parameters
 from coalora.search.search import ParetoGPSearch, SearchRound
 
 PLOT_DPI = 120
@@ -75,7 +76,8 @@ class ParetoSearchCallback(L.Callback):
         epoch = trainer.current_epoch
         if (epoch + 1) % self.interval:
             return
-        result = self._search(trainer, pl_module) if trainer.is_global_zero else None
+        with full_parameters(trainer):
+            result = self._search(trainer, pl_module) if trainer.is_global_zero else None
         if trainer.world_size > 1:
             state = trainer.strategy.broadcast(self.search.state_dict(), src=0)
             if not trainer.is_global_zero:
