@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import copy
+import difflib
 import functools
+import inspect
 import json
 import logging
+import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,10 +19,12 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from rich.console import Console
 
 from coalora.configs import (
@@ -48,12 +54,14 @@ from coalora.memory import PeakMemory
 from coalora.model.backbone import Choice, QuantizedLoRAModel
 from coalora.model.hub import check_model_for_task, load_backbone, package_path
 from coalora.model.targets import find_targets, target_weights
-from coalora.module import CoALoRAModule, full_parameters
+from coalora.module import CoALoRAModule, check_identity, full_parameters, read_checkpoint
 from coalora.quant import ErrorTable, cached_error_table, diagonal_fisher
 from coalora.serve.run_files import write_serving_files
 
 log = logging.getLogger(__name__)
 OmegaConf.register_new_resolver("package_path", package_path, replace=True)
+# `${pid:}`: this process's id, in run folder names (conf/hydra/default.yaml).
+OmegaConf.register_new_resolver("pid", os.getpid, replace=True)
 
 
 def estimate_fisher(
@@ -186,6 +194,44 @@ class RunResult:
     configurations_trained_on: int
 
 
+def run_identity(
+    cfg: DictConfig, task_name: str, model: QuantizedLoRAModel | None = None
+) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed by this run (see :func:`check_identity`):
+    model, task, quantization format, method and rank, and with ``model`` the size of its
+    option space and its number of target matrices."""
+    identity = {
+        "model": cfg.model.name,
+        "task": task_name,
+        "quant": cfg.quant.fmt,
+        "method": cfg.method.name,
+        "rank": cfg.method.rank,
+    }
+    if model is not None:
+        identity |= {"options": len(model.options), "targets": len(model.targets)}
+    return identity
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped by Ctrl+C (SIGINT); the message says what can be resumed."""
+
+
+def interruption_message(trainer: L.Trainer, run: TrainingRun) -> str:
+    """Where an interrupted fit stopped and how to resume it: its ``last.ckpt`` holds the last
+    finished epoch (checkpoints are written at epoch ends only, so it is never partial)."""
+    where = f"training {run.name} " if run.name else "training "
+    where += f"interrupted in epoch {trainer.current_epoch} (counting from 0)"
+    last = Path(getattr(trainer.checkpoint_callback, "last_model_path", "") or "")
+    if not last.is_file():
+        return f"{where}, before any epoch finished: there is no checkpoint to resume from"
+    epochs = torch.load(last, map_location="cpu", weights_only=True)["epoch"] + 1
+    again = f" eval.budgets=[{run.budget}]" if run.budget is not None else ""
+    return (
+        f"{where}; {last} holds the first {epochs} epoch(s): resume with the same settings"
+        f" and ckpt_path={last.resolve()}{again}"
+    )
+
+
 def fit_and_evaluate(
     cfg: DictConfig,
     run: TrainingRun,
@@ -217,15 +263,7 @@ def fit_and_evaluate(
         metric_inputs=task.metric_inputs,
         configs_per_step=cfg.method.configs_per_step,
         seed=cfg.seed,
-        identity={
-            "model": cfg.model.name,
-            "task": task.name,
-            "quant": cfg.quant.fmt,
-            "method": cfg.method.name,
-            "options": len(model.options),
-            "targets": len(model.targets),
-            "rank": cfg.method.rank,
-        },
+        identity=run_identity(cfg, task.name, model),
     )
     trainer, loggers = make_trainer(cfg, table, run)
     if trainer.is_global_zero:
@@ -235,7 +273,12 @@ def fit_and_evaluate(
             datamodule.num_labels,
             table,
         )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
+    except SystemExit:  # Lightning exits after a KeyboardInterrupt (Ctrl+C, SIGINT)
+        if trainer.interrupted:
+            raise TrainingInterrupted(interruption_message(trainer, run)) from None
+        raise
     train_seconds = time.perf_counter() - start
     with full_parameters(trainer):
         if not trainer.is_global_zero:  # several processes: rank 0 alone evaluates
@@ -266,6 +309,48 @@ def fit_and_evaluate(
     )
 
 
+def read_resume_checkpoint(cfg: DictConfig) -> dict[str, Any] | None:
+    """The checkpoint ``ckpt_path`` names (None without one), read before any work so that a
+    missing, truncated, unsafe or foreign file is refused at once
+    (:func:`coalora.module.read_checkpoint`); it resumes one run only."""
+    if not cfg.ckpt_path:
+        return None
+    budgets = cfg.eval.budgets
+    if cfg.method.training_set == "per_budget" and OmegaConf.is_list(budgets) and len(budgets) > 1:
+        raise ValueError(
+            f"ckpt_path resumes one run, but method={cfg.method.name} trains {len(budgets)}: "
+            "resume one budget at a time with eval.budgets=[<budget>]"
+        )
+    return read_checkpoint(cfg.ckpt_path)
+
+
+def check_trainer_settings(cfg: DictConfig) -> None:
+    """Refuse ``trainer.<key>`` settings that ``lightning.Trainer`` does not take (a typo added
+    with ``+trainer.<key>=...``) before any work, naming the nearest setting it does take."""
+    if cfg.trainer.get("_target_") not in ("lightning.Trainer", "lightning.pytorch.Trainer"):
+        return
+    accepted = set(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
+    unknown = sorted(set(cfg.trainer) - accepted - {"_target_"})
+    if unknown:
+        problems = []
+        for key in unknown:
+            near = difflib.get_close_matches(key, accepted, n=1)
+            problems.append(
+                f"trainer.{key} is not a setting of lightning.Trainer"
+                + (f" (did you mean trainer.{near[0]}?)" if near else "")
+            )
+        raise ValueError("; ".join(problems))
+
+
+def check_optimizer(cfg: DictConfig) -> None:
+    """Build ``method.optimizer`` once on a placeholder parameter, so that settings the
+    optimizer refuses (a negative learning rate, betas outside [0, 1)) fail before any work."""
+    try:
+        instantiate(cfg.method.optimizer)(params=[torch.nn.Parameter(torch.zeros(1))])
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"method.optimizer ({cfg.method.optimizer._target_}): {err}") from None
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train every run of the method, evaluate, write the reports; returns the summary.
 
@@ -274,6 +359,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     output (Lightning writes the checkpoints from rank 0); the other ranks return ``{}`` once
     their training is done."""
     out_dir = Path(cfg.paths.output_dir)
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
+        raise ValueError(f"seed={cfg.seed!r} must be an integer")
+    resume = read_resume_checkpoint(cfg)
+    check_trainer_settings(cfg)
+    check_optimizer(cfg)
     max_epochs = cfg.trainer.get("max_epochs")
     if max_epochs is not None and (max_epochs == 0 or max_epochs < -1):
         raise ValueError(
@@ -283,6 +373,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
     task = build_task(OmegaConf.to_container(cfg.task, resolve=True))
     check_model_for_task(cfg.model, task.name, task.kind)
+    if resume is not None:
+        try:
+            check_identity(resume, run_identity(cfg, task.name))
+        except ValueError as err:
+            raise ValueError(f"ckpt_path={cfg.ckpt_path}: {err}") from None
     datamodule: L.LightningDataModule = instantiate(cfg.data, _partial_=True)(task=task)
     datamodule.setup()
     table = load_error_table(cfg, datamodule)
@@ -293,11 +388,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         check_budgets("method.train_budgets", cfg.method.train_budgets, table)
     runs = training_runs(cfg, table)
     log.info("%d run(s); first trains %d configurations", len(runs), len(runs[0].train_configs))
-    if cfg.ckpt_path and len(runs) > 1:
-        raise ValueError(
-            f"ckpt_path resumes one run, but method={cfg.method.name} trains {len(runs)}: "
-            "resume one budget at a time with eval.budgets=[<budget>]"
-        )
     with PeakMemory() as memory:
         results = [fit_and_evaluate(cfg, run, task, datamodule, table) for run in runs]
     if rank_zero_only.rank != 0:  # a multi-process run's other ranks only train
@@ -490,11 +580,28 @@ def quiet_console_off_rank_zero() -> None:
             handler.setLevel(max(handler.level, logging.WARNING))
 
 
+USER_ERRORS = (ValueError, OSError, InstantiationException, OmegaConfBaseException)
+"""Errors :func:`main` reports as one line, without a traceback (``HYDRA_FULL_ERROR=1`` shows
+it): bad settings, data or files, refused with a message that names them."""
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     torch.set_float32_matmul_precision("high")
     quiet_console_off_rank_zero()
-    return train(cfg).get("hv")  # None on ranks other than 0
+    try:
+        return train(cfg).get("hv")  # None on ranks other than 0
+    except KeyboardInterrupt as err:
+        print(
+            f"interrupted: {str(err) or 'the run stopped before writing its evaluation'}",
+            file=sys.stderr,
+        )
+        raise SystemExit(130) from None
+    except USER_ERRORS as err:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":
