@@ -220,15 +220,15 @@ def interruption_message(trainer: L.Trainer, run: TrainingRun) -> str:
     """Where an interrupted fit stopped and how to resume it: its ``last.ckpt`` holds the last
     finished epoch (checkpoints are written at epoch ends only, so it is never partial)."""
     where = f"training {run.name} " if run.name else "training "
-    where += f"interrupted in epoch {trainer.current_epoch} (counting from 0)"
+    where += f"stopped in epoch {trainer.current_epoch} (counting from 0)"
     last = Path(getattr(trainer.checkpoint_callback, "last_model_path", "") or "")
     if not last.is_file():
         return f"{where}, before any epoch finished: there is no checkpoint to resume from"
     epochs = torch.load(last, map_location="cpu", weights_only=True)["epoch"] + 1
     again = f" eval.budgets=[{run.budget}]" if run.budget is not None else ""
     return (
-        f"{where}; {last} holds the first {epochs} epoch(s): resume with the same settings"
-        f" and ckpt_path={last.resolve()}{again}"
+        f"{where}; the checkpoint of its first {epochs} finished epoch(s) is kept: resume with "
+        f"the same settings and ckpt_path={last.resolve()}{again}"
     )
 
 
@@ -580,6 +580,15 @@ def quiet_console_off_rank_zero() -> None:
             handler.setLevel(max(handler.level, logging.WARNING))
 
 
+def report_failure(message: str) -> None:
+    """Print why the run stopped on stderr and add it to the run's log file (``run.log``)."""
+    print(message, file=sys.stderr)
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
 USER_ERRORS = (ValueError, OSError, InstantiationException, OmegaConfBaseException)
 """Errors :func:`main` reports as one line, without a traceback (``HYDRA_FULL_ERROR=1`` shows
 it): bad settings, data or files, refused with a message that names them."""
@@ -592,15 +601,12 @@ def main(cfg: DictConfig) -> float | None:
     try:
         return train(cfg).get("hv")  # None on ranks other than 0
     except KeyboardInterrupt as err:
-        print(
-            f"interrupted: {str(err) or 'the run stopped before writing its evaluation'}",
-            file=sys.stderr,
-        )
+        report_failure(f"interrupted: {str(err) or 'the run stopped before its evaluation'}")
         raise SystemExit(130) from None
     except USER_ERRORS as err:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        print(f"error: {err}", file=sys.stderr)
+        report_failure(f"error: {err}")
         raise SystemExit(1) from None
 
 
