@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 from coalora.data import build_task
 from coalora.evaluation import read_results
-from coalora.module import read_checkpoint
+from coalora.module import AtomicCheckpointIO, read_checkpoint
 from coalora.quant import config_space, quantize
 from coalora.run import train
 
@@ -156,6 +156,26 @@ def test_the_code_checkpoint_would_run_code_if_unpickled(tmp_path):
     assert not (tmp_path / "ran").exists()
     torch.load(path, weights_only=False)  # what a careless loader would do
     assert (tmp_path / "ran").exists()
+
+
+def test_lightning_checkpoints_are_renamed_into_place_and_load_weights_only(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    unsafe = write_bad_checkpoint("code", tmp_path)
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    io.save_checkpoint({"epoch": 0, "state_dict": {"w": torch.ones(2)}}, path)
+
+    def interrupted_save(checkpoint, file):
+        Path(file).write_bytes(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", interrupted_save)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"epoch": 1, "state_dict": {}}, path)
+    assert io.load_checkpoint(path)["epoch"] == 0
+    assert os.listdir(path.parent) == ["last.ckpt"]
+    with pytest.raises(pickle.UnpicklingError, match="Unsupported global: GLOBAL exec"):
+        io.load_checkpoint(unsafe)
+    assert not (tmp_path / "ran").exists()
 
 
 def test_a_checkpoint_of_other_settings_is_refused_before_any_work(tmp_path):
