@@ -28,6 +28,8 @@ SPLITS: tuple[str, ...] = ("seen", "unseen")
 PLOT_DPI = 120
 """Resolution of saved plots."""
 CSV_NAME, JSON_NAME = "results.csv", "results.json"
+LOG_SCALE_METRICS = {"perplexity"}
+"""Metrics plotted on a log scale (a broken low-bit configuration reaches millions)."""
 CONFIGURATIONS_NAME = "configurations.json"
 """Beside the results: every scored configuration by ``config_id`` (option indices, bits)."""
 
@@ -165,6 +167,8 @@ def plot_metric_vs_bits(
         ax.axhline(value, linestyle="--", color="grey", label=f"{label} ({value:.4g})")
     ax.set_xlabel("average bits per parameter")
     ax.set_ylabel(metric)
+    if metric in LOG_SCALE_METRICS:
+        ax.set_yscale("log")
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend()
