@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import copy
-import difflib
 import functools
-import inspect
 import json
 import logging
 import os
@@ -54,7 +52,8 @@ from coalora.memory import PeakMemory
 from coalora.model.backbone import Choice, QuantizedLoRAModel
 from coalora.model.hub import check_model_for_task, load_backbone, package_path
 from coalora.model.targets import find_targets, target_weights
-from coalora.module import CoALoRAModule, check_identity, full_parameters, read_checkpoint
+from coalora.module import CoALoRAModule, check_identity, full_parameters
+from coalora.preflight import check_settings
 from coalora.quant import ErrorTable, cached_error_table, diagonal_fisher
 from coalora.serve.run_files import write_serving_files
 
@@ -309,48 +308,6 @@ def fit_and_evaluate(
     )
 
 
-def read_resume_checkpoint(cfg: DictConfig) -> dict[str, Any] | None:
-    """The checkpoint ``ckpt_path`` names (None without one), read before any work so that a
-    missing, truncated, unsafe or foreign file is refused at once
-    (:func:`coalora.module.read_checkpoint`); it resumes one run only."""
-    if not cfg.ckpt_path:
-        return None
-    budgets = cfg.eval.budgets
-    if cfg.method.training_set == "per_budget" and OmegaConf.is_list(budgets) and len(budgets) > 1:
-        raise ValueError(
-            f"ckpt_path resumes one run, but method={cfg.method.name} trains {len(budgets)}: "
-            "resume one budget at a time with eval.budgets=[<budget>]"
-        )
-    return read_checkpoint(cfg.ckpt_path)
-
-
-def check_trainer_settings(cfg: DictConfig) -> None:
-    """Refuse ``trainer.<key>`` settings that ``lightning.Trainer`` does not take (a typo added
-    with ``+trainer.<key>=...``) before any work, naming the nearest setting it does take."""
-    if cfg.trainer.get("_target_") not in ("lightning.Trainer", "lightning.pytorch.Trainer"):
-        return
-    accepted = set(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
-    unknown = sorted(set(cfg.trainer) - accepted - {"_target_"})
-    if unknown:
-        problems = []
-        for key in unknown:
-            near = difflib.get_close_matches(key, accepted, n=1)
-            problems.append(
-                f"trainer.{key} is not a setting of lightning.Trainer"
-                + (f" (did you mean trainer.{near[0]}?)" if near else "")
-            )
-        raise ValueError("; ".join(problems))
-
-
-def check_optimizer(cfg: DictConfig) -> None:
-    """Build ``method.optimizer`` once on a placeholder parameter, so that settings the
-    optimizer refuses (a negative learning rate, betas outside [0, 1)) fail before any work."""
-    try:
-        instantiate(cfg.method.optimizer)(params=[torch.nn.Parameter(torch.zeros(1))])
-    except (ValueError, TypeError) as err:
-        raise ValueError(f"method.optimizer ({cfg.method.optimizer._target_}): {err}") from None
-
-
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train every run of the method, evaluate, write the reports; returns the summary.
 
@@ -359,17 +316,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     output (Lightning writes the checkpoints from rank 0); the other ranks return ``{}`` once
     their training is done."""
     out_dir = Path(cfg.paths.output_dir)
-    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
-        raise ValueError(f"seed={cfg.seed!r} must be an integer")
-    resume = read_resume_checkpoint(cfg)
-    check_trainer_settings(cfg)
-    check_optimizer(cfg)
-    max_epochs = cfg.trainer.get("max_epochs")
-    if max_epochs is not None and (max_epochs == 0 or max_epochs < -1):
-        raise ValueError(
-            f"trainer.max_epochs={max_epochs} trains nothing: use at least 1 (evaluation scores "
-            "the configurations of the last trained epoch)"
-        )
+    resume = check_settings(cfg)
     L.seed_everything(cfg.seed, workers=True)
     task = build_task(OmegaConf.to_container(cfg.task, resolve=True))
     check_model_for_task(cfg.model, task.name, task.kind)

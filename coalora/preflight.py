@@ -1,0 +1,74 @@
+"""Checks of a run's settings before any work: what would otherwise fail late, after the data,
+the error table or training, fails at once with the setting named."""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from coalora.module import read_checkpoint
+
+
+def check_settings(cfg: DictConfig) -> dict[str, Any] | None:
+    """Check the seed, the epoch count, ``trainer.*`` keys, the optimizer and ``ckpt_path``;
+    returns the checkpoint to resume from (None without one)."""
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
+        raise ValueError(f"seed={cfg.seed!r} must be an integer")
+    max_epochs = cfg.trainer.get("max_epochs")
+    if max_epochs is not None and (max_epochs == 0 or max_epochs < -1):
+        raise ValueError(
+            f"trainer.max_epochs={max_epochs} trains nothing: use at least 1 (evaluation scores "
+            "the configurations of the last trained epoch)"
+        )
+    resume = read_resume_checkpoint(cfg)
+    check_trainer_settings(cfg)
+    check_optimizer(cfg)
+    return resume
+
+
+def read_resume_checkpoint(cfg: DictConfig) -> dict[str, Any] | None:
+    """The checkpoint ``ckpt_path`` names (None without one), read before any work so that a
+    missing, truncated, unsafe or foreign file is refused at once
+    (:func:`coalora.module.read_checkpoint`); it resumes one run only."""
+    if not cfg.ckpt_path:
+        return None
+    budgets = cfg.eval.budgets
+    if cfg.method.training_set == "per_budget" and OmegaConf.is_list(budgets) and len(budgets) > 1:
+        raise ValueError(
+            f"ckpt_path resumes one run, but method={cfg.method.name} trains {len(budgets)}: "
+            "resume one budget at a time with eval.budgets=[<budget>]"
+        )
+    return read_checkpoint(cfg.ckpt_path)
+
+
+def check_trainer_settings(cfg: DictConfig) -> None:
+    """Refuse ``trainer.<key>`` settings that ``lightning.Trainer`` does not take (a typo added
+    with ``+trainer.<key>=...``) before any work, naming the nearest setting it does take."""
+    if cfg.trainer.get("_target_") not in ("lightning.Trainer", "lightning.pytorch.Trainer"):
+        return
+    accepted = set(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
+    unknown = sorted(set(cfg.trainer) - accepted - {"_target_"})
+    if unknown:
+        problems = []
+        for key in unknown:
+            near = difflib.get_close_matches(key, accepted, n=1)
+            problems.append(
+                f"trainer.{key} is not a setting of lightning.Trainer"
+                + (f" (did you mean trainer.{near[0]}?)" if near else "")
+            )
+        raise ValueError("; ".join(problems))
+
+
+def check_optimizer(cfg: DictConfig) -> None:
+    """Build ``method.optimizer`` once on a placeholder parameter, so that settings the
+    optimizer refuses (a negative learning rate, betas outside [0, 1)) fail before any work."""
+    try:
+        instantiate(cfg.method.optimizer)(params=[torch.nn.Parameter(torch.zeros(1))])
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"method.optimizer ({cfg.method.optimizer._target_}): {err}") from None
