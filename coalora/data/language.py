@@ -12,16 +12,13 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import datasets
-import lightning as L
 import numpy as np
 import torch
 import torchmetrics
 from torch import Tensor
-from torch.utils.data import DataLoader
 from torchmetrics.text import Perplexity
-from transformers import AutoTokenizer
 
-from coalora.data.datamodule import EpochShuffleSampler, subsample
+from coalora.data.datamodule import TokenizedDataModule
 from coalora.io import read_utf8
 
 log = logging.getLogger(__name__)
@@ -298,7 +295,7 @@ def _load_hub_split(task: LanguageModelingTask, split: str) -> SplitText:
     return SplitText(task.document_separator.join(documents[task.text_column]), origin)
 
 
-class LanguageModelingDataModule(L.LightningDataModule):
+class LanguageModelingDataModule(TokenizedDataModule):
     """Splits ``train``/``val``/``test`` of a corpus as blocks of ``max_length`` token ids.
 
     Each split's text is tokenised whole, without special tokens, except that a tokenizer
@@ -316,49 +313,23 @@ class LanguageModelingDataModule(L.LightningDataModule):
         task: the corpus, or a mapping of ``LanguageModelingTask`` fields (a Hydra
             ``cfg.task``).
         tokenizer_path: name or folder passed to ``AutoTokenizer.from_pretrained``.
-        max_length: tokens per block.
-        batch_size: training batch size.
-        eval_batch_size: validation and test batch size.
-        val_size: blocks held out from the training blocks as ``val``.
-        max_train_samples: training blocks kept (seeded sub-sample); None keeps all.
-        max_eval_samples: ``test`` blocks kept (seeded sub-sample); None keeps all. The
-            ``val`` split's size is ``val_size``.
-        seed: seed of the ``val`` carve, the sub-samples and the training shuffle.
-        num_workers: data-loader worker processes.
-        gguf_file: GGUF file inside ``tokenizer_path`` to read the tokenizer from, or None.
+        **settings: the shared settings of
+            :class:`coalora.data.datamodule.TokenizedDataModule`; ``max_length`` is the
+            block length, and sample counts count blocks.
     """
 
+    @property
+    def unit(self) -> str:
+        return f"blocks of {self.hparams.max_length} tokens"
+
     def __init__(
-        self,
-        task: LanguageModelingTask | Mapping[str, Any],
-        tokenizer_path: str,
-        max_length: int = 128,
-        batch_size: int = 32,
-        eval_batch_size: int = 64,
-        val_size: int = 256,
-        max_train_samples: int | None = None,
-        max_eval_samples: int | None = None,
-        seed: int = 0,
-        num_workers: int = 0,
-        gguf_file: str | None = None,
+        self, task: LanguageModelingTask | Mapping[str, Any], tokenizer_path: str, **settings: Any
     ) -> None:
-        super().__init__()
+        max_length = settings.get("max_length", 128)
         if max_length < 2:
             raise ValueError(f"max_length must be >= 2 (one next-token target), got {max_length}")
-        for name, value in (
-            ("batch_size", batch_size),
-            ("eval_batch_size", eval_batch_size),
-            ("val_size", val_size),
-        ):
-            if value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value}")
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-        self.save_hyperparameters(ignore=["task"], logger=False)
+        super().__init__(tokenizer_path, **settings)
         self.task = task if isinstance(task, LanguageModelingTask) else LanguageModelingTask(**task)
-        options = {} if gguf_file is None else {"gguf_file": gguf_file}
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, **options)
-        self._splits: dict[str, datasets.Dataset] | None = None
 
     @property
     def num_labels(self) -> None:
@@ -374,23 +345,11 @@ class LanguageModelingDataModule(L.LightningDataModule):
         """Load, tokenise, block, split and sub-sample all splits once (for any ``stage``)."""
         if self._splits is not None:
             return
-        hp = self.hparams
         corpus = load_corpus(self.task)
-        train = self._blocks(corpus["train"], "train")
-        test = self._blocks(corpus["test"], "test")
-        if hp.val_size >= len(train):
-            raise ValueError(
-                f"val_size {hp.val_size} must be smaller than the {len(train)} training blocks "
-                f"of {hp.max_length} tokens of task {self.task.name!r} "
-                f"({corpus['train'].origin})"
-            )
-        carved = train.train_test_split(test_size=hp.val_size, seed=hp.seed)
-        splits = {
-            "train": subsample(carved["train"], hp.max_train_samples, hp.seed, "max_train_samples"),
-            "val": carved["test"],
-            "test": subsample(test, hp.max_eval_samples, hp.seed, "max_eval_samples"),
-        }
-        self._splits = {name: split.with_format("torch") for name, split in splits.items()}
+        self.set_splits(
+            self._blocks(corpus["train"], "train"), self._blocks(corpus["test"], "test")
+        )
+        self._splits = {name: split.with_format("torch") for name, split in self._splits.items()}
 
     def _token_ids(self, text: str) -> np.ndarray:
         """Token ids of ``text``: no special tokens, but a leading BOS if the tokenizer adds one."""
@@ -427,50 +386,17 @@ class LanguageModelingDataModule(L.LightningDataModule):
         blocks = ids[: count * length].reshape(count, length)
         return datasets.Dataset.from_dict({"input_ids": blocks}, features=features)
 
-    def split(self, name: str) -> datasets.Dataset:
-        """The blocks of split ``train``, ``val`` or ``test`` (after ``setup``), as tensors."""
-        if self._splits is None:
-            raise RuntimeError("LanguageModelingDataModule.setup() has not been called")
-        if name not in self._splits:
-            raise ValueError(f"Unknown split {name!r}; accepted: {tuple(self._splits)}")
-        return self._splits[name]
-
     def num_tokens(self, name: str) -> int:
         """Tokens in the blocks of a split (``max_length`` per block; the model predicts
         ``max_length - 1`` of them per block)."""
         return len(self.split(name)) * self.hparams.max_length
 
-    def train_dataloader(self) -> DataLoader:
-        sampler = EpochShuffleSampler(len(self.split("train")), self.hparams.seed)
-        return self._loader("train", self.hparams.batch_size, sampler=sampler)
+    def collate(self, rows: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        return collate_blocks(rows)
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", self.hparams.eval_batch_size, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.hparams.eval_batch_size, shuffle=False)
-
-    def _loader(self, name: str, batch_size: int, **kwargs: Any) -> DataLoader:
-        return DataLoader(
-            self.split(name),
-            batch_size=batch_size,
-            collate_fn=collate_blocks,
-            num_workers=self.hparams.num_workers,
-            **kwargs,
-        )
-
-    def heldout_batches(self, n: int, batch_size: int) -> list[dict[str, Tensor]]:
-        """The first ``n`` ``val`` blocks in batches of ``batch_size`` (the same batches on
-        every call)."""
-        val = self.split("val")
-        if not 1 <= n <= len(val):
-            raise ValueError(f"Cannot take {n} from {len(val)} validation blocks")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
-        return [
-            collate_blocks([val[i] for i in range(start, min(start + batch_size, n))])
-            for start in range(0, n, batch_size)
-        ]
+    def eval_order(self, name: str, n: int | None = None) -> list[int]:
+        """The split's order (every block has the same length)."""
+        return list(range(len(self.split(name)) if n is None else n))
 
 
 def collate_blocks(rows: list[dict[str, Tensor]]) -> dict[str, Tensor]:
