@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from coalora.quant.codebook import codebook, level_grid, packed_level_table
-from coalora.quant.config import Format, QuantConfig, ScaleDtype
+from coalora.quant.config import SCALE_DTYPE_WIDTH, Format, QuantConfig, ScaleDtype
 from coalora.quant.packing import pack, unpack
 
 TORCH_SCALE_DTYPES: dict[str, torch.dtype] = {
@@ -172,6 +172,24 @@ class QuantizedTensor:
             torch.index_select(levels, 0, unpack(self.codes, cfg.bits, count), out=dense)
         dense.view(-1, cfg.block_size).mul_(self.dequantized_scales().unsqueeze(1))
         return dense[: self.numel].view(self.shape).to(self.dtype)
+
+
+OFFSET_BYTES = 4
+"""Each quantized tensor stores one fp32 offset."""
+
+
+def packed_nbytes(numel: int, config: QuantConfig) -> int:
+    """Bytes :func:`quantize` stores for ``numel`` weights under ``config`` (its
+    ``QuantizedTensor.nbytes``), without quantizing: codes and first-level scale codes padded
+    to whole blocks and scale groups, the second-level scales and the offset."""
+    blocks = -(-numel // config.block_size)
+    groups = -(-blocks // config.scale_block_size)
+    return (
+        blocks * config.block_size * config.bits // 8
+        + groups * config.scale_block_size * config.scale_bits // 8
+        + groups * SCALE_DTYPE_WIDTH[config.scale_dtype] // 8
+        + OFFSET_BYTES
+    )
 
 
 def quantize(w: torch.Tensor, config: QuantConfig) -> QuantizedTensor:

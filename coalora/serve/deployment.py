@@ -17,29 +17,13 @@ from coalora.configs import allocate, config_bits, config_id
 from coalora.evaluation.report import read_configurations
 from coalora.model.backbone import Choice, QuantizedLoRAModel
 from coalora.model.hub import load_backbone, quiet_transformers
-from coalora.quant import ErrorTable, QuantConfig, achievable_range, quantize
+from coalora.quant import ErrorTable, achievable_range, quantize
+from coalora.quant.tensor import OFFSET_BYTES, packed_nbytes
 from coalora.serve.packed import PackedLoRALinear
 from coalora.serve.run_files import RunFiles, read_run
 
 BYTES_PER_MB = 1_000_000
 """``memory_mb`` counts megabytes of 10^6 bytes."""
-OFFSET_BYTES = 4
-"""Each quantized matrix stores one fp32 offset (see :mod:`coalora.quant.tensor`)."""
-SCALE_DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
-
-
-def packed_nbytes(numel: int, config: QuantConfig) -> int:
-    """Bytes :func:`coalora.quant.quantize` stores for ``numel`` weights under ``config``:
-    codes and first-level scale codes padded to whole blocks and scale groups, the
-    second-level scales and the offset."""
-    blocks = -(-numel // config.block_size)
-    groups = -(-blocks // config.scale_block_size)
-    return (
-        blocks * config.block_size * config.bits // 8
-        + groups * config.scale_block_size * config.scale_bits // 8
-        + groups * SCALE_DTYPE_BYTES[config.scale_dtype]
-        + OFFSET_BYTES
-    )
 
 
 def _check_number(name: str, value: object) -> float:
