@@ -147,7 +147,10 @@ class CoALoRAModule(L.LightningModule):
         metric: the task metric (a torchmetrics object; cloned per split).
         metric_inputs: maps a batch's logits and labels to the metric's inputs (the task's
             ``metric_inputs``: class ids, or next-token logits and targets).
-        configs_per_step: k, configurations per step (the authors use 2).
+        configs_per_step: k, configurations per step (the authors use 2); each one's loss is
+            back-propagated before the next forward pass (manual optimization), so activation
+            memory does not grow with k.
+        gradient_clip_val: clip the gradient norm of each step to this (``None``: no clipping).
         seed: seed of the configuration sampler.
         identity: what a checkpoint must match to be resumed by this module (model, quant
             format, method, option-space size, ...); saved in every checkpoint.
@@ -164,10 +167,16 @@ class CoALoRAModule(L.LightningModule):
         configs_per_step: int = 2,
         seed: int = 0,
         identity: Mapping[str, Any] | None = None,
+        gradient_clip_val: float | None = 1.0,
     ) -> None:
         super().__init__()
         if configs_per_step < 1:
             raise ValueError(f"configs_per_step={configs_per_step} must be >= 1")
+        if gradient_clip_val is not None and not gradient_clip_val > 0:
+            raise ValueError(
+                f"gradient_clip_val={gradient_clip_val!r} must be a positive number, or null "
+                "for no clipping"
+            )
         if not train_configs:
             raise ValueError(
                 "train_configs is empty: at least one training configuration is needed"
@@ -184,6 +193,8 @@ class CoALoRAModule(L.LightningModule):
             ],
             logger=False,
         )
+        self.automatic_optimization = False  # one configuration's graph alive at a time
+        self.gradient_clip_val = gradient_clip_val
         self.model = model
         self.optimizer_factory = optimizer
         self.train_configs: list[Choice] = [model.check_choice(c) for c in train_configs]
@@ -237,8 +248,26 @@ class CoALoRAModule(L.LightningModule):
         return self.model(**batch)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        losses = [self.loss_under(c, batch).loss for c in self.sample_configs()]
-        loss = torch.stack(losses).mean()
+        """One optimizer step on the mean loss of the batch under k sampled configurations.
+
+        Under DDP, gradients are synchronised once, after the last configuration's backward."""
+        optimizer = self.optimizers()
+        choices = self.sample_configs()
+        backward_sync = getattr(self.trainer.strategy, "block_backward_sync", None)
+        calls = iter(range(len(choices)))
+
+        def backward(loss: torch.Tensor) -> None:
+            last = next(calls) == len(choices) - 1
+            with contextlib.nullcontext() if last or backward_sync is None else backward_sync():
+                self.manual_backward(loss)
+
+        loss = self.model.backward_over(choices, batch, backward)
+        if self.gradient_clip_val is not None:
+            self.clip_gradients(
+                optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm"
+            )
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["labels"].shape[0])
         return loss
 

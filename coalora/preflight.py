@@ -54,6 +54,16 @@ def check_trainer_settings(cfg: DictConfig) -> None:
         return
     accepted = set(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
     unknown = sorted(set(cfg.trainer) - accepted - {"_target_"})
+    moved = {
+        "gradient_clip_val": "method.gradient_clip_val",
+        "accumulate_grad_batches": "a larger data.batch_size",
+    }
+    for key, instead in moved.items():
+        if cfg.trainer.get(key) not in (None, 1 if key == "accumulate_grad_batches" else None):
+            raise ValueError(
+                f"trainer.{key}={cfg.trainer[key]!r} is not used: the module steps its optimizer "
+                f"itself (one configuration's graph at a time); use {instead}"
+            )
     if unknown:
         problems = []
         for key in unknown:

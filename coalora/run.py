@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import gc
 import json
 import logging
 import os
@@ -191,6 +192,8 @@ class RunResult:
     trainable_parameters: dict[str, int]
     training_configurations: int
     configurations_trained_on: int
+    device: str
+    frozen_mib: float = 0.0
 
 
 def run_identity(
@@ -248,6 +251,8 @@ def fit_and_evaluate(
     model = QuantizedLoRAModel.from_run_config(load_backbone(cfg.model, datamodule.num_labels), cfg)
     start = time.perf_counter()
     init_lora(cfg, model, table, run)
+    if run.budget is not None:  # one configuration: keep its packed codes only (QLoRA's memory)
+        model.keep_only(run.train_configs[0])
     val_configs = (
         run.train_configs
         if run.budget is not None
@@ -263,6 +268,7 @@ def fit_and_evaluate(
         configs_per_step=cfg.method.configs_per_step,
         seed=cfg.seed,
         identity=run_identity(cfg, task.name, model),
+        gradient_clip_val=cfg.method.gradient_clip_val,
     )
     trainer, loggers = make_trainer(cfg, table, run)
     if trainer.is_global_zero:
@@ -279,9 +285,12 @@ def fit_and_evaluate(
             raise TrainingInterrupted(interruption_message(trainer, run)) from None
         raise
     train_seconds = time.perf_counter() - start
+    device = trainer.strategy.root_device
+    model.to(device)  # Lightning moves the model back to the CPU when fit ends
     with full_parameters(trainer):
         if not trainer.is_global_zero:  # several processes: rank 0 alone evaluates
-            return RunResult(run, [], [], train_seconds, 0.0, {}, 0, 0)
+            return RunResult(run, [], [], train_seconds, 0.0, {}, 0, 0, str(device))
+        frozen_mib = model.frozen_nbytes() / 2**20
         start = time.perf_counter()
         configs = run_evaluation_configs(cfg, table, run, module)
         records = evaluate_configurations(
@@ -305,6 +314,8 @@ def fit_and_evaluate(
         model.trainable_parameter_counts(),
         len(module.epoch_configs),
         len(module.trained_configs),
+        str(next(model.parameters()).device),
+        frozen_mib,
     )
 
 
@@ -336,13 +347,25 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     runs = training_runs(cfg, table)
     log.info("%d run(s); first trains %d configurations", len(runs), len(runs[0].train_configs))
     with PeakMemory() as memory:
-        results = [fit_and_evaluate(cfg, run, task, datamodule, table) for run in runs]
+        results = []
+        for run in runs:
+            results.append(fit_and_evaluate(cfg, run, task, datamodule, table))
+            release_memory()  # the finished fit's model, module and trainer
     if rank_zero_only.rank != 0:  # a multi-process run's other ranks only train
         return {}
     records = [r for result in results for r in result.records]
-    reference = unquantized_reference(cfg, task, datamodule)
+    reference, reference_device = unquantized_reference(
+        cfg, task, datamodule, torch.device(results[0].device)
+    )
     summary = write_reports(
-        cfg, task, results, out_dir, reference, hv_score(task, datamodule), memory.as_dict()
+        cfg,
+        task,
+        results,
+        out_dir,
+        reference,
+        hv_score(task, datamodule),
+        memory.as_dict(),
+        reference_device,
     )
     Console().print(results_table(records))
     Console().print(
@@ -375,20 +398,28 @@ def hv_score(task: Task, datamodule: L.LightningDataModule) -> Callable[[float],
     return functools.partial(perplexity_score, vocab_size=datamodule.vocab_size)
 
 
+def release_memory() -> None:
+    """Free what finished work left behind: Lightning's trainer and module reference each
+    other, so only the garbage collector frees a finished fit; then CUDA's cached blocks."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 @torch.no_grad()
 def unquantized_reference(
-    cfg: DictConfig, task: Task, datamodule: L.LightningDataModule
-) -> dict[str, float]:
-    """The pre-trained model's metric on the test split, unquantized and without adapters: a
-    reference line for language modelling (a fresh classification head means nothing)."""
+    cfg: DictConfig, task: Task, datamodule: L.LightningDataModule, device: torch.device
+) -> tuple[dict[str, float], str | None]:
+    """The pre-trained model's metric on the test split, unquantized and without adapters, on
+    ``device`` (where the run trained): a reference line for language modelling (a fresh
+    classification head means nothing). Returns it by label, and the device it ran on."""
     if task.kind != "language_modeling":
-        return {}
-    model = load_backbone(cfg.model).eval()
-    return {
-        "unquantized": score_model(
-            model, datamodule.test_dataloader(), build_metric(task), task.metric_inputs
-        )[0]
-    }
+        return {}, None
+    model = load_backbone(cfg.model).eval().to(device)
+    value = score_model(
+        model, datamodule.test_dataloader(), build_metric(task), task.metric_inputs
+    )[0]
+    return {"unquantized": value}, str(next(model.parameters()).device)
 
 
 def write_reports(
@@ -399,6 +430,7 @@ def write_reports(
     reference: dict[str, float] | None = None,
     score: Callable[[float], float] | None = None,
     memory: dict[str, float | None] | None = None,
+    reference_device: str | None = None,
 ) -> dict[str, Any]:
     """``eval/results.{csv,json}``, ``eval/accuracy_vs_bits.png`` and ``summary.json``.
 
@@ -408,6 +440,9 @@ def write_reports(
     ``train_seconds`` is the total over runs, the cost of serving every evaluation budget.
     ``reference`` holds metrics drawn as reference lines (see :func:`unquantized_reference`);
     ``memory`` the peak memory of training and evaluation (:class:`coalora.memory.PeakMemory`).
+    ``device`` is where the first run trained and was evaluated (each run's own is in
+    ``runs``, with its frozen target weights' MiB as stored), ``reference_device`` where the
+    reference was scored.
     """
     records = [r for result in results for r in result.records]
     eval_dir = out_dir / "eval"
@@ -437,7 +472,9 @@ def write_reports(
         "hv_of": "1 - ln(perplexity) / ln(vocab_size)" if score else task.metric,
         "values": summaries[split]["values"],
         "reference": reference or {},
+        "reference_device": reference_device,
         "hypervolume": {s: v["hv"] for s, v in summaries.items()},
+        "device": results[0].device,
         "train_seconds": sum(r.train_seconds for r in results),
         "eval_seconds": sum(r.eval_seconds for r in results),
         "runs": [
@@ -448,6 +485,8 @@ def write_reports(
                 "eval_seconds": r.eval_seconds,
                 "training_configurations": r.training_configurations,
                 "configurations_trained_on": r.configurations_trained_on,
+                "device": r.device,
+                "frozen_target_mib": r.frozen_mib,
             }
             for r in results
         ],

@@ -27,12 +27,6 @@ from coalora.model.hub import load_classifier
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
-def full_precision(model: QuantizedLoRAModel) -> None:
-    for layer in model.layers:
-        layer.weight_source = layer.weight.detach
-        layer.adjustment = None
-
-
 @torch.no_grad()
 def evaluate(model: QuantizedLoRAModel, loader, metric) -> float:
     model.eval()
@@ -55,7 +49,7 @@ def main(overrides: list[str]) -> None:
     model = QuantizedLoRAModel.from_run_config(
         load_classifier(cfg.model.name_or_path, data.num_labels), cfg
     )
-    full_precision(model)
+    model.set_unquantized()  # every target keeps its full-precision weight
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.method.optimizer.lr)
     loader = data.train_dataloader()
@@ -66,7 +60,7 @@ def main(overrides: list[str]) -> None:
         for batch in loader:
             optimizer.zero_grad()
             model.model(**batch).loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.trainer.gradient_clip_val)
+            torch.nn.utils.clip_grad_norm_(params, cfg.method.gradient_clip_val)
             optimizer.step()
     seconds = time.perf_counter() - start
     value = evaluate(model, data.test_dataloader(), build_metric(task))

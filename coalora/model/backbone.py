@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from coalora.model.config_net import ConfigAwareNetwork, layer_features
-from coalora.model.dequant_cache import DequantCache
-from coalora.model.layers import QuantLoRALinear
-from coalora.model.targets import MODULE_TYPES, Target, find_targets, num_blocks, target_weights
+from coalora.model.layers import UNQUANTIZED, QuantLoRALinear, Storage
+from coalora.model.targets import MODULE_TYPES, Target, find_targets, num_blocks
+from coalora.model.weight_cache import QuantizedWeightCache
 from coalora.quant import QuantConfig, average_bits, config_space, quantize
 from coalora.quant.config import Format
 
 Choice = tuple[int, ...]
 """A model configuration: one option index (into ``config_space(fmt)``) per target matrix."""
+
+DEFAULT_CACHE_BYTES = 512 * 1024**2
+MASTER_STORAGES: tuple[Storage, ...] = ("dense", "int8")
+LayerState = tuple[QuantConfig | str | None, torch.Tensor | None]
 
 
 def check_rank(rank: int, model: nn.Module, targets: Sequence[Target]) -> None:
@@ -34,9 +38,13 @@ def check_rank(rank: int, model: nn.Module, targets: Sequence[Target]) -> None:
 class QuantizedLoRAModel(nn.Module):
     """Frozen quantized backbone + shared LoRA factors + (optionally) the network θ.
 
-    The active configuration changes with :meth:`set_configuration` at any step; dequantized
-    weights come from a memory-bounded cache, so a switch reloads nothing. Trainable
-    parameters: every ``lora_A``/``lora_B``, θ, and the task head.
+    The active configuration changes with :meth:`set_configuration` at any step. Each target
+    layer holds one master copy of its frozen weight (``storage``: the model's dtype, or an
+    8-bit master that halves bf16) and quantizes it under the active option into a bounded
+    cache of packed weights; forward and backward passes dequantize transiently, so no dense
+    copy outlives a matmul. A method that trains one configuration keeps only its packed codes
+    (:meth:`keep_only`). Trainable parameters: every ``lora_A``/``lora_B``, θ, and the task
+    head.
 
     Args:
         model: a Hugging Face model (e.g. ``AutoModelForSequenceClassification``).
@@ -48,7 +56,8 @@ class QuantizedLoRAModel(nn.Module):
         config_aware: build θ (CoA-LoRA); ``False`` gives plain shared LoRA.
         embed_dim: θ's embedding width.
         hidden_dim: θ's hidden width.
-        cache_bytes: bound on the dequantized-weight cache.
+        cache_bytes: bound on the cache of packed quantized weights (0 disables it).
+        storage: the master copy of the frozen weights, ``"dense"`` or ``"int8"``.
         head_modules: names of the task-head submodules to train (those present).
     """
 
@@ -63,21 +72,28 @@ class QuantizedLoRAModel(nn.Module):
         config_aware: bool = True,
         embed_dim: int = 16,
         hidden_dim: int = 256,
-        cache_bytes: int = 2 * 1024**3,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
         head_modules: Sequence[str] = ("classifier", "score"),
+        storage: Storage = "dense",
     ) -> None:
         super().__init__()
+        if storage not in MASTER_STORAGES:
+            raise ValueError(
+                f"storage={storage!r}; choose one of {MASTER_STORAGES} (packed storage of one "
+                "configuration comes from keep_only)"
+            )
         self.model = model
         self.options: list[QuantConfig] = config_space(fmt)
         self.targets: list[Target] = find_targets(model, module_types)
         check_rank(rank, model, self.targets)
         model.requires_grad_(False)
+        self.cache = QuantizedWeightCache(cache_bytes)
         for target in self.targets:
             parent_name, _, child = target.name.rpartition(".")
-            base = model.get_submodule(target.name)
-            setattr(
-                model.get_submodule(parent_name), child, QuantLoRALinear(base, rank, alpha, dropout)
-            )
+            layer = QuantLoRALinear(model.get_submodule(target.name), rank, alpha, dropout)
+            setattr(model.get_submodule(parent_name), child, layer)  # frees the original weight
+            layer.store(storage)
+            layer.cache = self.cache
         for name in head_modules:
             if hasattr(model, name):
                 getattr(model, name).requires_grad_(True)
@@ -90,7 +106,6 @@ class QuantizedLoRAModel(nn.Module):
         )
         self.type_ids = [MODULE_TYPES.index(t.module_type) for t in self.targets]
         self.block_ids = [t.block_index for t in self.targets]
-        self.cache = DequantCache(cache_bytes)
         self.active: Choice | None = None
         self._features: torch.Tensor | None = None
         self.train()  # from_pretrained returns eval mode; fine-tuning uses the model's dropout
@@ -100,12 +115,17 @@ class QuantizedLoRAModel(nn.Module):
         return [self.model.get_submodule(t.name) for t in self.targets]
 
     def frozen_weights(self) -> dict[str, torch.Tensor]:
-        """The pre-trained weight of every target matrix, by target name."""
-        return target_weights(self.model, self.targets)
+        """The master weight of every target matrix (dense, detached), by target name."""
+        pairs = zip(self.targets, self.layers, strict=True)
+        return {t.name: layer.master().detach() for t, layer in pairs}
+
+    def frozen_nbytes(self) -> int:
+        """Bytes the target layers' frozen weights occupy as stored."""
+        return sum(layer.frozen_nbytes() for layer in self.layers)
 
     @property
     def numels(self) -> list[int]:
-        return [layer.weight.numel() for layer in self.layers]
+        return [layer.weight_shape.numel() for layer in self.layers]
 
     def average_bits(self, choice: Sequence[int]) -> float:
         """Numel-weighted average bits per weight of a configuration."""
@@ -123,14 +143,8 @@ class QuantizedLoRAModel(nn.Module):
         return choice
 
     def dequantized(self, index: int, option: int) -> torch.Tensor:
-        """The dequantized weight of target ``index`` under ``option`` (cached)."""
-        return self._dequantized(self.layers[index], self.targets[index].name, option)
-
-    def _dequantized(self, layer: QuantLoRALinear, name: str, option: int) -> torch.Tensor:
-        key = (name, option, str(layer.weight.device))
-        return self.cache.get(
-            key, lambda: quantize(layer.weight, self.options[option]).dequantize()
-        )
+        """The dequantized weight of target ``index`` under ``option``."""
+        return self.layers[index].quantized(self.options[option]).dequantize()
 
     def features(self, choice: Sequence[int]) -> torch.Tensor:
         """θ's input (the layer embeddings' indices) for the configuration ``choice``."""
@@ -139,15 +153,44 @@ class QuantizedLoRAModel(nn.Module):
     def set_configuration(self, choice: Sequence[int]) -> None:
         """Make ``choice`` the active configuration of every target layer."""
         choice = self.check_choice(choice)
-        for target, layer, option in zip(self.targets, self.layers, choice, strict=True):
-            layer.weight_source = functools.partial(self._dequantized, layer, target.name, option)
+        layers = self.layers
+        fixed = [
+            (t.name, layer.stored_config)
+            for t, layer, j in zip(self.targets, layers, choice, strict=True)
+            if layer.storage == "packed" and self.options[j] != layer.stored_config
+        ]
+        if fixed:
+            name, kept = fixed[0]
+            raise ValueError(
+                f"this model keeps only one configuration packed ({name} holds {kept}); "
+                f"{len(fixed)} target(s) would need another option"
+            )
+        for layer, option in zip(layers, choice, strict=True):
+            layer.config = self.options[option]
         self._features = self.features(choice)
         self.active = choice
 
+    def set_unquantized(self) -> None:
+        """Compute with the dense master weights, unquantized, and plain LoRA (no U): the
+        reference a quantized configuration is judged against."""
+        for layer in self.layers:
+            layer.config = UNQUANTIZED
+        self._features = None
+        self.active = None
+
+    def keep_only(self, choice: Sequence[int]) -> None:
+        """Replace every master by the packed codes of ``choice`` and activate it: the memory of
+        QuantLoRA for a method that trains this one configuration. Irreversible."""
+        choice = self.check_choice(choice)
+        for layer, option in zip(self.layers, choice, strict=True):
+            layer.store("packed", self.options[option])
+        self.cache.clear()
+        self.set_configuration(choice)
+
     def adjustments(self) -> torch.Tensor | None:
         """U for every target layer under the active configuration (one batched call)."""
-        if self.config_net is None:
-            return None
+        if self.config_net is None or self.active is None and self._features is None:
+            return None  # plain LoRA, or the unquantized reference
         if self._features is None:
             raise RuntimeError("no quantization configuration is active: call set_configuration")
         device = self.config_net.mlp[-1].weight.device
@@ -158,6 +201,54 @@ class QuantizedLoRAModel(nn.Module):
         for i, layer in enumerate(self.layers):
             layer.adjustment = None if adjustments is None else adjustments[i]
         return self.model(**batch)
+
+    def backward_over(
+        self,
+        choices: Sequence[Choice],
+        batch: Mapping[str, torch.Tensor],
+        backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
+    ) -> torch.Tensor:
+        """Accumulate the gradient of the mean loss of ``batch`` under each of ``choices``
+        (DESIGN §5) and return that mean, detached. Each configuration's loss is
+        back-propagated (``backward``, e.g. Lightning's ``manual_backward``) before the next
+        forward pass, so only one configuration's graph is alive at a time."""
+        if not choices:
+            raise ValueError("backward_over needs at least one configuration")
+        total = None
+        for choice in choices:
+            self.set_configuration(choice)
+            loss = self(**batch).loss
+            backward(loss / len(choices))
+            total = loss.detach() if total is None else total + loss.detach()
+        return total / len(choices)
+
+    def checkpoint_contexts(self) -> tuple[contextlib.AbstractContextManager, ...]:
+        """``context_fn`` of ``torch.utils.checkpoint``: a checkpointed block is recomputed in
+        the backward pass under the configuration (options and U) of the forward pass it
+        recomputes, whatever configuration is active by then."""
+        return contextlib.nullcontext(), self._layer_states(
+            [self._state_of(x) for x in self.layers]
+        )
+
+    @staticmethod
+    def _state_of(layer: QuantLoRALinear) -> LayerState:
+        return layer.config, layer.adjustment
+
+    @contextlib.contextmanager
+    def _layer_states(self, states: list[LayerState]) -> Iterator[None]:
+        layers = self.layers
+        current = [self._state_of(layer) for layer in layers]
+        try:
+            for layer, (config, adjustment) in zip(layers, states, strict=True):
+                layer.config, layer.adjustment = config, adjustment
+            yield
+        finally:
+            for layer, (config, adjustment) in zip(layers, current, strict=True):
+                layer.config, layer.adjustment = config, adjustment
+
+    def _apply(self, fn, recurse: bool = True):
+        self.cache.clear()  # cached packed weights belong to the old device or dtype
+        return super()._apply(fn, recurse)
 
     def init_lora_from_residual(self, choice: Sequence[int], iterations: int = 1) -> None:
         """LQ-LoRA initialisation of every adapter for the configuration ``choice``.
@@ -171,13 +262,15 @@ class QuantizedLoRAModel(nn.Module):
         if iterations < 1:
             raise ValueError(f"iterations must be >= 1, got {iterations}")
         choice = self.check_choice(choice)
+        if iterations > 1 and any(layer.storage != "dense" for layer in self.layers):
+            raise ValueError("svd_iterations > 1 rewrites the master weights: use dense storage")
         with torch.no_grad():
             for layer, option in zip(self.layers, choice, strict=True):
-                original = layer.weight.clone()
+                original = layer.master().clone()
                 for t in range(iterations):
                     if t:
                         layer.weight.copy_(original - layer.scale * layer.lora_B @ layer.lora_A)
-                    q = quantize(layer.weight, self.options[option]).dequantize()
+                    q = quantize(layer.master(), self.options[option]).dequantize()
                     layer.init_from_residual(original - q)
         self.cache.clear()
 
@@ -185,11 +278,10 @@ class QuantizedLoRAModel(nn.Module):
     def from_run_config(cls, backbone: nn.Module, cfg: Mapping[str, Any]) -> QuantizedLoRAModel:
         """Wrap ``backbone`` as a run's ``model``/``quant``/``method`` config describes;
         ``model.gradient_checkpointing`` recomputes each block's activations in the backward
-        pass instead of keeping them (and the dequantized weights they saved)."""
+        pass instead of keeping them, each under the configuration it ran with
+        (:meth:`checkpoint_contexts`); ``quant.storage`` is the master copy's storage."""
         method = cfg["method"]
-        if cfg["model"].get("gradient_checkpointing"):
-            backbone.gradient_checkpointing_enable({"use_reentrant": False})
-        return cls(
+        model = cls(
             backbone,
             fmt=cfg["quant"]["fmt"],
             rank=method["rank"],
@@ -200,7 +292,13 @@ class QuantizedLoRAModel(nn.Module):
             embed_dim=method["embed_dim"],
             hidden_dim=method["hidden_dim"],
             cache_bytes=cfg["quant"]["cache_bytes"],
+            storage=cfg["quant"].get("storage", "dense"),
         )
+        if cfg["model"].get("gradient_checkpointing"):
+            backbone.activation_checkpointing_enable(
+                {"use_reentrant": False, "context_fn": model.checkpoint_contexts}
+            )
+        return model
 
     def trainable_parameter_counts(self) -> dict[str, int]:
         """Trainable parameters by part: LoRA factors, θ, task head."""

@@ -3,22 +3,64 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from coalora.model.weight_cache import QuantizedWeightCache
+from coalora.quant import QuantConfig, QuantizedTensor, quantize
+from coalora.quant.tensor import PACKED_FIELDS
+
+Storage = Literal["dense", "int8", "packed"]
+"""How a layer holds its frozen weight:
+
+- ``dense``: the pre-trained weight in the model's dtype, the master every option is
+  quantized from;
+- ``int8``: that master quantized once with :data:`INT8_MASTER` (8.625 bits per weight,
+  about half of bf16), every option quantized from its dequantization;
+- ``packed``: only the packed codes and scales of one fixed option (QLoRA's storage), for
+  methods that train a single configuration.
+"""
+STORAGES: tuple[Storage, ...] = ("dense", "int8", "packed")
+
+INT8_MASTER = QuantConfig(8, 8, "fp32", 16, 16, "int")
+"""The 8-bit master: symmetric int8 codes in blocks of 16 weights, 8-bit first-level scales in
+groups of 16 with fp32 second-level scales (the widest option of the integer space)."""
+
+UNQUANTIZED = "unquantized"
+"""A layer configuration that computes with the dense master itself (reference runs)."""
+
+
+class QuantizedLinearFunction(torch.autograd.Function):
+    """``y = x Q(W)ᵀ + b`` from packed ``Q(W)``, dequantized into a transient buffer in the
+    forward pass and again in the backward pass (as bitsandbytes' 4-bit matmul does): no dense
+    weight is saved for backward, only the packed tensor that produced it. The weight and bias
+    are frozen: the only gradient is the input's."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: QuantizedTensor, bias: torch.Tensor | None):
+        ctx.weight = weight
+        return F.linear(x, weight.dequantize().to(x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        return grad_out @ ctx.weight.dequantize().to(grad_out.dtype), None, None
+
 
 class QuantLoRALinear(nn.Module):
     """``y = Q(W) x + b + scale · B (I + U) A x``.
 
-    ``Q(W)`` is the dequantized weight of the active configuration, fetched in every forward
-    from :attr:`weight_source` (set by the owning model, e.g. a look-up in its bounded cache of
-    dequantized weights, so no layer holds a dense copy between steps), ``A`` (r×in) and
-    ``B`` (out×r) are the LoRA factors shared by all configurations (paper: L2 and L1),
-    ``U`` is the r×r adjustment the configuration-aware network produces for this layer
-    (paper: U_θ(Q_i)), and ``scale = alpha / r``. ``U = None`` gives plain LoRA.
+    ``Q(W)`` is the frozen weight under the layer's active option :attr:`config` (set by the
+    owning model at every configuration switch), quantized from the layer's storage (through
+    :attr:`cache`, the model's bounded cache of packed weights, when set) and dequantized
+    transiently in each forward and backward pass (:class:`QuantizedLinearFunction`). ``A``
+    (r×in) and ``B`` (out×r) are the LoRA factors shared by all configurations (paper: L2 and
+    L1), :attr:`adjustment` is the r×r matrix U the configuration-aware network produces for
+    this layer (paper: U_θ(Q_i)), and ``scale = alpha / r``. ``adjustment = None`` gives plain LoRA.
 
     Args:
         base: the pre-trained linear layer; its weight and bias are kept, frozen.
@@ -32,7 +74,8 @@ class QuantLoRALinear(nn.Module):
         if rank < 1:
             raise ValueError(f"rank={rank} must be >= 1")
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = nn.Parameter(base.weight.detach().clone(), requires_grad=False)
+        self.weight_shape, self.weight_dtype = base.weight.shape, base.weight.dtype
+        self.weight: nn.Parameter | None = nn.Parameter(base.weight.detach(), requires_grad=False)
         self.bias = (
             None
             if base.bias is None
@@ -40,12 +83,68 @@ class QuantLoRALinear(nn.Module):
         )
         self.rank = rank
         self.scale = alpha / rank
-        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank))
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=base.weight.device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # peft's default LoRA init
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.weight_source: Callable[[], torch.Tensor] | None = None
+        self.storage: Storage = "dense"
+        self.stored_config: QuantConfig | None = None
+        self.config: QuantConfig | str | None = None
         self.adjustment: torch.Tensor | None = None
+        self.cache: QuantizedWeightCache | None = None
+
+    @property
+    def stored(self) -> QuantizedTensor:
+        """The packed tensor this layer stores (``int8`` and ``packed`` storage)."""
+        if self.stored_config is None:
+            raise RuntimeError("this layer stores its weight dense; it has no packed tensor")
+        return QuantizedTensor(
+            self.stored_config,
+            self.weight_shape,
+            self.weight_dtype,
+            *(getattr(self, name) for name in PACKED_FIELDS),
+        )
+
+    def store(self, storage: Storage, config: QuantConfig | None = None) -> None:
+        """Replace the dense master by ``storage`` (``int8``, or ``packed`` with ``config``).
+
+        The packed tensors are non-persistent buffers: checkpoints never hold frozen weights.
+        """
+        if storage not in STORAGES:
+            raise ValueError(f"storage={storage!r}; choose one of {STORAGES}")
+        if self.storage != "dense":
+            raise RuntimeError(f"this layer already stores its weight as {self.storage!r}")
+        if storage == "dense":
+            return
+        if storage == "packed" and config is None:
+            raise ValueError("packed storage needs the option to keep")
+        config = INT8_MASTER if storage == "int8" else config
+        packed = quantize(self.weight, config)
+        for name in PACKED_FIELDS:
+            self.register_buffer(name, getattr(packed, name), persistent=False)
+        self.weight = None
+        self.storage, self.stored_config = storage, config
+
+    def master(self) -> torch.Tensor:
+        """The dense weight every option is quantized from (dequantized for ``int8``)."""
+        if self.storage == "dense":
+            return self.weight
+        if self.storage == "int8":
+            return self.stored.dequantize()
+        raise RuntimeError(
+            f"this layer keeps only option {self.stored_config} packed; it cannot be "
+            "requantized under another option"
+        )
+
+    def quantized(self, config: QuantConfig) -> QuantizedTensor:
+        """The frozen weight quantized with ``config``: the stored tensor for ``packed``
+        storage, else quantized from the master (through :attr:`cache` when set)."""
+        if self.storage == "packed" and config == self.stored_config:
+            return self.stored
+        if self.cache is None:
+            return quantize(self.master(), config)
+        key = (id(self), config, str(self.lora_A.device))
+        return self.cache.get(key, lambda: quantize(self.master(), config))
 
     def init_from_residual(self, residual: torch.Tensor) -> None:
         """LQ-LoRA initialisation: ``scale · B A`` = the best rank-r approximation of ``residual``.
@@ -60,14 +159,24 @@ class QuantLoRALinear(nn.Module):
             self.lora_A.copy_(root.unsqueeze(1) * vh[: self.rank])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight_source is None:
+        if self.config is None:
             raise RuntimeError("no quantization configuration is active: call set_configuration")
-        out = F.linear(x, self.weight_source(), self.bias)
+        if self.config == UNQUANTIZED:
+            out = F.linear(x, self.master(), self.bias)
+        else:
+            out = QuantizedLinearFunction.apply(x, self.quantized(self.config), self.bias)
         # The adapter computes in its own dtype (fp32) whatever the frozen weights' dtype.
         h = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A)
         if self.adjustment is not None:
             h = h + F.linear(h, self.adjustment)  # h (I + U)ᵀ
         return out + (self.scale * F.linear(h, self.lora_B)).to(out.dtype)
 
+    def frozen_nbytes(self) -> int:
+        """Bytes of the frozen weight as stored (dense master or packed tensors)."""
+        if self.storage == "dense":
+            return self.weight.numel() * self.weight.element_size()
+        return self.stored.nbytes
+
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}"
+        stored = f", {self.storage} {self.stored_config}" if self.stored_config else ""
+        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}{stored}"

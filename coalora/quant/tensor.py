@@ -174,6 +174,10 @@ class QuantizedTensor:
         return dense[: self.numel].view(self.shape).to(self.dtype)
 
 
+PACKED_FIELDS: tuple[str, ...] = ("codes", "scale_codes", "second_scales", "offset")
+"""The tensors of a :class:`QuantizedTensor`, in its field order after ``config``, ``shape``
+and ``dtype``: the only bytes a packed weight holds."""
+
 OFFSET_BYTES = 4
 """Each quantized tensor stores one fp32 offset."""
 

@@ -88,9 +88,11 @@ class Deployment:
     def fixed_nbytes(self) -> int:
         """Bytes of a served model besides its packed matrices: every other weight at its dtype
         (embeddings, norms, biases, head) and the adapters."""
-        dense = sum(t.numel() * t.element_size() for t in self.model.model.state_dict().values())
-        return dense - sum(
-            w.numel() * w.element_size() for w in self.model.frozen_weights().values()
+        frozen = {f"{t.name}.weight" for t in self.model.targets}
+        return sum(
+            t.numel() * t.element_size()
+            for key, t in self.model.model.state_dict().items()
+            if key not in frozen
         )
 
     def served_nbytes(self, choice: Sequence[int]) -> int:
@@ -212,7 +214,7 @@ class Deployment:
         for layer, option, (a, b) in zip(
             self.model.layers, choice, self.adapters(choice), strict=True
         ):
-            weight = quantize(layer.weight, self.model.options[option])
+            weight = quantize(layer.master(), self.model.options[option])
             bias = None if layer.bias is None else layer.bias.detach().clone()
             packed[id(layer)] = PackedLoRALinear(weight, bias, a.clone(), b.clone(), layer.scale)
         served = copy.deepcopy(self.model.model, memo=packed)  # every other weight is copied

@@ -18,9 +18,11 @@ logits through peft.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -237,9 +239,31 @@ def verify_export(folder: str | Path) -> dict[str, Any]:
     return json.loads((folder / QUANTIZATION_NAME).read_text())
 
 
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Modules built inside hold their parameters on the meta device: no memory and no random
+    initialisation, until real tensors are assigned. Buffers (rotary tables, position ids) are
+    built as usual, since checkpoints need not hold them."""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
 def _skeleton(folder: Path) -> nn.Module:
+    """The export's architecture with every parameter on the meta device (filled by
+    ``load_state_dict(..., assign=True)`` in the stored dtypes)."""
     config = AutoConfig.from_pretrained(folder)
-    return getattr(transformers, config.architectures[0])(config)
+    with parameters_on_meta():
+        return getattr(transformers, config.architectures[0])(config)
 
 
 def _restore(folder: Path, packed: bool) -> nn.Module:
@@ -270,15 +294,18 @@ def _restore(folder: Path, packed: bool) -> nn.Module:
                 layer.bias.data = bias
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, layer)
-    for key, source in summary["tied"].items():
-        backbone[key] = backbone[source]
-    result = model.load_state_dict(backbone, strict=False)
+    result = model.load_state_dict(backbone, strict=False, assign=True)
+    for key, source in summary["tied"].items():  # one parameter again, as in the trained model
+        *parent, child = key.split(".")
+        setattr(model.get_submodule(".".join(parent)), child, model.get_parameter(source))
     targets = tuple(f"{name}." for name in summary["matrices"])
-    missing = [k for k in result.missing_keys if not k.startswith(targets)]
-    if missing or result.unexpected_keys:
+    tied = set(summary["tied"])
+    missing = [k for k in result.missing_keys if not k.startswith(targets) and k not in tied]
+    on_meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if missing or result.unexpected_keys or on_meta:
         raise ValueError(
             f"{folder / BACKBONE_NAME} does not fit {summary['architecture']}: missing "
-            f"{missing[:3]}, unexpected {result.unexpected_keys[:3]}"
+            f"{(missing or on_meta)[:3]}, unexpected {result.unexpected_keys[:3]}"
         )
     return model.requires_grad_(False).eval()
 

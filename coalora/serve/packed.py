@@ -6,10 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from coalora.model.layers import QuantizedLinearFunction
 from coalora.quant import QuantConfig, QuantizedTensor
-
-PACKED_FIELDS: tuple[str, ...] = ("codes", "scale_codes", "second_scales", "offset")
-"""The tensors of a :class:`QuantizedTensor`: the only weight bytes a served target holds."""
+from coalora.quant.tensor import PACKED_FIELDS
 
 
 class PackedLoRALinear(nn.Module):
@@ -60,8 +59,7 @@ class PackedLoRALinear(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.quantized.dequantize().to(x.dtype)
-        out = F.linear(x, weight, self.bias)
+        out = QuantizedLinearFunction.apply(x, self.quantized, self.bias)
         return out + self.scale * F.linear(F.linear(x, self.lora_A), self.lora_B)
 
     def extra_repr(self) -> str:
