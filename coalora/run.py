@@ -350,7 +350,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         results = []
         for run in runs:
             results.append(fit_and_evaluate(cfg, run, task, datamodule, table))
-            release_memory()  # the finished fit's model, module and trainer
+            datamodule.trainer = None  # the shared data module would keep the fit alive
+            release_memory()
     if rank_zero_only.rank != 0:  # a multi-process run's other ranks only train
         return {}
     records = [r for result in results for r in result.records]

@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +12,10 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+import coalora.run
 from coalora.configs import allocate, config_bits
 from coalora.evaluation import read_results
+from coalora.model.backbone import QuantizedLoRAModel
 from coalora.pareto import segmented_pareto_filter
 from coalora.quant import ErrorTable, config_space
 from coalora.quant.tensor import packed_nbytes
@@ -182,8 +185,22 @@ def cached_table(overrides: list[str]) -> ErrorTable:
     return ErrorTable.load(path)
 
 
-def test_per_budget_baselines_train_one_run_per_budget(glue_overrides, tmp_path):
+def test_per_budget_baselines_train_one_run_per_budget(glue_overrides, tmp_path, monkeypatch):
+    models, alive_at_fit_start = weakref.WeakSet(), []
+    build, fit = QuantizedLoRAModel.__init__, coalora.run.fit_and_evaluate
+
+    def tracked_build(self, *args, **kwargs):
+        build(self, *args, **kwargs)
+        models.add(self)
+
+    def tracked_fit(*args, **kwargs):
+        alive_at_fit_start.append(len(models))
+        return fit(*args, **kwargs)
+
+    monkeypatch.setattr(QuantizedLoRAModel, "__init__", tracked_build)
+    monkeypatch.setattr(coalora.run, "fit_and_evaluate", tracked_fit)
     summary = run([*glue_overrides, "method=lqlora", "eval.budgets=[3.0,4.0]"], tmp_path)
+    assert alive_at_fit_start == [0, 0]  # no finished fit stays in memory
     table = cached_table(glue_overrides)
     assert [r["name"] for r in summary["runs"]] == ["budget_3.0", "budget_4.0"]
     assert all(r["training_configurations"] == 1 for r in summary["runs"])
