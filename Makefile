@@ -36,6 +36,7 @@ bench: install
 	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python experiments/bench_quant.py
 	$(BIN)/python experiments/bench_serve.py
+	OMP_NUM_THREADS=1 $(BIN)/python experiments/bench_search.py
 
 # The main job: CoA-LoRA on the embedded MiniLM and movie-review data, then the evaluation table.
 demo: install

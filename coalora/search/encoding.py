@@ -103,10 +103,19 @@ class OptionGrid:
         bits = table[torch.arange(self.num_matrices, device=x.device), index]
         return bits @ torch.as_tensor(self.weights, dtype=x.dtype, device=x.device).unsqueeze(-1)
 
+    def moves(self, position: np.ndarray) -> np.ndarray:
+        """``(k, 2)`` rows (matrix, ±1): the single-matrix moves from ``position`` (``(d,)``)
+        that stay on the grid, ordered by matrix, −1 before +1."""
+        d = self.num_matrices
+        matrix, step = np.repeat(np.arange(d), 2), np.tile([-1, 1], d)
+        target = np.asarray(position, dtype=np.int64)[matrix] + step
+        on_grid = (target >= 0) & (target < self.sizes[matrix])
+        return np.stack([matrix[on_grid], step[on_grid]], axis=1)
+
     def neighbours(self, position: np.ndarray) -> np.ndarray:
         """``(k, d)`` grid points one ±1 step of one matrix away from ``position`` (``(d,)``),
-        ordered by matrix, −1 before +1; moves off the grid are left out."""
-        d = self.num_matrices
-        moved = np.repeat(np.asarray(position, dtype=np.int64)[None], 2 * d, axis=0)
-        moved[np.arange(2 * d), np.repeat(np.arange(d), 2)] += np.tile([-1, 1], d)
-        return moved[((moved >= 0) & (moved < self.sizes)).all(axis=1)]
+        in the order of :meth:`moves`."""
+        moves = self.moves(position)
+        moved = np.repeat(np.asarray(position, dtype=np.int64)[None], len(moves), axis=0)
+        moved[np.arange(len(moves)), moves[:, 0]] += moves[:, 1]
+        return moved

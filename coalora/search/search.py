@@ -20,7 +20,7 @@ from coalora.model.backbone import Choice
 from coalora.pareto import hypervolume_2d, non_dominated_mask, segmented_pareto_filter
 from coalora.quant import ErrorTable
 from coalora.search.encoding import OptionGrid
-from coalora.search.gp import guided_walk, log_ehvi, reference_point
+from coalora.search.gp import ACQ_BATCH_SIZE, guided_walk, log_ehvi, reference_point
 
 HV_BITS_RANGE = (2.0, 8.0)
 """Average bits mapped to [0, 1] in the pool hypervolume, as in the evaluation (DESIGN §8)."""
@@ -76,22 +76,37 @@ class ParetoGPSearch:
     Proposals: a GP of the held-out loss is fitted to the freshly scored pool
     (:func:`coalora.search.gp.log_ehvi`); walkers start at the pool's non-dominated
     configurations and climb qLogEHVI over ±1 moves of one matrix
-    (:func:`coalora.search.gp.guided_walk`, at most ``max_acq_evals`` evaluations); the
-    distinct endpoints not already in the pool, best first, are the proposals (at most
-    ``num_proposals``). The next training set is :func:`coalora.pareto.segmented_pareto_filter`
-    of pool + proposals over ``segments`` segments of ``[bits_low, bits_high]``; it becomes
-    the pool of the next round. Losses are never carried over: the model changes between
-    rounds, so the whole pool is re-scored every round and its old losses are replaced.
+    (:func:`coalora.search.gp.guided_walk`); the distinct endpoints not already in the pool,
+    best first, are the proposals (at most ``num_proposals``).
 
-    Randomness (GP fitting restarts, the acquisition's Monte-Carlo samples, the random
-    ablation) comes from ``generator``, which is part of :meth:`state_dict`; the global torch
-    RNG is left as it was.
+    The walk's budget is per walker, so it does not shrink as the number of matrices N grows:
+    each walker makes up to ``moves_per_walker`` moves, and before each move scores
+    ``candidates_per_move`` of its 2·N neighbours, drawn uniformly at random when it has more
+    (all of them otherwise). A round thus spends at most ``walkers · (1 + moves_per_walker ·
+    min(candidates_per_move, 2·N))`` acquisition evaluations, walkers being the pool's
+    non-dominated configurations; ``max_acq_evals``, if set, caps that total (the
+    lower-valued walkers then stop first). Candidates are scored ``acq_batch_size`` at a time
+    without gradients, which bounds the acquisition's memory.
+
+    The next training set is :func:`coalora.pareto.segmented_pareto_filter` of pool +
+    proposals over ``segments`` segments of ``[bits_low, bits_high]``; it becomes the pool of
+    the next round. Losses are never carried over: the model changes between rounds, so the
+    whole pool is re-scored every round and its old losses are replaced.
+
+    Randomness (GP fitting restarts, the acquisition's Monte-Carlo samples, the walk's subsets
+    of neighbours, the random ablation) comes from ``generator``, which is part of
+    :meth:`state_dict`; the global torch RNG is left as it was.
 
     Args:
         table: the error table defining the configurations and their bits.
         configs: the initial pool (the initial training set).
         num_proposals: new configurations per round, at most.
-        max_acq_evals: cap on acquisition evaluations per round.
+        moves_per_walker: most single-matrix moves of one walker per round (≥ 1).
+        candidates_per_move: neighbours a walker scores before each move (≥ 1), a random
+            subset when it has more; None scores all 2·N.
+        max_acq_evals: optional cap on the acquisition evaluations of a round (≥ 1); None
+            leaves the walk to the per-walker budget.
+        acq_batch_size: most candidates per acquisition call (≥ 1).
         segments: number of bit-width segments U.
         bits_low: lower edge of the first segment.
         bits_high: upper edge of the last segment.
@@ -106,7 +121,10 @@ class ParetoGPSearch:
         table: ErrorTable,
         configs: Sequence[Sequence[int]],
         num_proposals: int = 16,
-        max_acq_evals: int = 10_000,
+        moves_per_walker: int = 16,
+        candidates_per_move: int | None = 32,
+        max_acq_evals: int | None = None,
+        acq_batch_size: int = ACQ_BATCH_SIZE,
         segments: int = 17,
         bits_low: float = 2.25,
         bits_high: float = 6.5,
@@ -115,11 +133,18 @@ class ParetoGPSearch:
         mc_samples: int = 64,
         seed: int = 0,
     ) -> None:
-        if num_proposals < 0 or max_acq_evals < 1 or mc_samples < 1:
+        if num_proposals < 0 or min(moves_per_walker, acq_batch_size, mc_samples) < 1:
             raise ValueError(
-                f"need num_proposals >= 0, max_acq_evals >= 1 and mc_samples >= 1, got "
-                f"{num_proposals}, {max_acq_evals} and {mc_samples}"
+                f"need num_proposals >= 0 and moves_per_walker, acq_batch_size and mc_samples "
+                f">= 1, got {num_proposals}, {moves_per_walker}, {acq_batch_size} and "
+                f"{mc_samples}"
             )
+        for name, value in (
+            ("candidates_per_move", candidates_per_move),
+            ("max_acq_evals", max_acq_evals),
+        ):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 or None, got {value}")
         if not configs:
             raise ValueError("the initial pool of configurations is empty")
         if isinstance(segments, bool) or segments < 1 or not bits_low < bits_high:
@@ -130,7 +155,10 @@ class ParetoGPSearch:
         self.table = table
         self.grid = OptionGrid.from_table(table)
         self.num_proposals = num_proposals
+        self.moves_per_walker = moves_per_walker
+        self.candidates_per_move = candidates_per_move
         self.max_acq_evals = max_acq_evals
+        self.acq_batch_size = acq_batch_size
         self.segments, self.bits_low, self.bits_high = segments, bits_low, bits_high
         self.reference_margin, self.reference_floor = reference_margin, reference_floor
         self.mc_samples = mc_samples
@@ -164,7 +192,18 @@ class ParetoGPSearch:
                 return acquisition(self.grid.encode(points).unsqueeze(1)).numpy()
 
         front = non_dominated_mask(np.stack([bits, losses], axis=1))
-        walk = guided_walk(score, self.grid, positions[front], self.max_acq_evals)
+        # The subsets of neighbours come from the round's seeded torch RNG, like the rest.
+        rng = np.random.default_rng(int(torch.randint(2**62, (1,))))
+        walk = guided_walk(
+            score,
+            self.grid,
+            positions[front],
+            self.moves_per_walker,
+            self.candidates_per_move,
+            self.max_acq_evals,
+            self.acq_batch_size,
+            rng,
+        )
         pool = set(map(tuple, positions))
         best_first = np.argsort(-walk.values, kind="stable")
         endpoints = dict.fromkeys(tuple(walk.points[w]) for w in best_first)
@@ -256,7 +295,8 @@ class RandomWalkSearch(ParetoGPSearch):
     Args:
         walk_steps: random moves per proposal (≥ 1).
         attempts_per_proposal: bound on the draws, per proposal wanted.
-        **kwargs: as :class:`ParetoGPSearch` (``max_acq_evals`` is unused).
+        **kwargs: as :class:`ParetoGPSearch` (the walk's settings, ``moves_per_walker`` to
+            ``acq_batch_size``, are unused).
     """
 
     def __init__(
