@@ -1,7 +1,9 @@
 """Hydra entry point: ``python -m coalora.export run_dir=<run> bits=3.0 [out=<folder>]``.
 
 Writes the run's model at one budget (``bits=``), memory limit (``memory_mb=``) or configuration
-(``config=``) as an export folder (see :mod:`coalora.serve.export`).
+(``config=``) as an export folder (see :mod:`coalora.serve.export`). The arguments are checked
+before the model is loaded; a refused one is reported as one ``error:`` line (exit status 1),
+Ctrl+C as one line (exit status 130).
 """
 
 from __future__ import annotations
@@ -13,41 +15,63 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
+from coalora.cli import reported_errors
 from coalora.configs import config_id
 from coalora.serve import Deployment
+from coalora.serve.deployment import check_request
+from coalora.serve.export import check_export_target
 
 
-def default_folder(cfg: DictConfig, choice: tuple[int, ...]) -> Path:
-    """``<run_dir>/exports/`` + ``bits_<b>``, ``memory_<m>mb`` or ``config_<id>``."""
+def default_folder(cfg: DictConfig, choice: tuple[int, ...] | None = None) -> Path | None:
+    """``<run_dir>/exports/`` + ``bits_<b>``, ``memory_<m>mb`` or ``config_<id>``; None for a
+    configuration until its ``choice`` is known."""
     if cfg.bits is not None:
         name = f"bits_{cfg.bits:g}"
     elif cfg.memory_mb is not None:
         name = f"memory_{cfg.memory_mb:g}mb"
-    else:
+    elif choice is not None:
         name = f"config_{config_id(choice)}"
-    return Path(cfg.run_dir) / "exports" / name
+    else:
+        return None
+    return Path(str(cfg.run_dir)) / "exports" / name
+
+
+def requested_config(cfg: DictConfig) -> list[int] | str | None:
+    """``config=`` as option indices, a file name or a configuration id."""
+    config = cfg.config
+    if isinstance(config, int) and not isinstance(config, bool):  # an all-digit config_id
+        return str(config)
+    if OmegaConf.is_config(config):
+        return OmegaConf.to_container(config)
+    return config
+
+
+def export_run(cfg: DictConfig) -> Path:
+    """Check the arguments, then load the run and write the export; returns its folder."""
+    config = requested_config(cfg)
+    check_request(cfg.bits, cfg.memory_mb, config)
+    out = Path(str(cfg.out)) if cfg.out else default_folder(cfg)
+    if out is not None:
+        check_export_target(out, cfg.overwrite)
+    dep = Deployment.from_run(str(cfg.run_dir))
+    choice = dep.choose(cfg.bits, cfg.memory_mb, config)
+    out = out or default_folder(cfg, choice)
+    return dep.export(out, cfg.bits, cfg.memory_mb, config, overwrite=cfg.overwrite)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="export")
 def main(cfg: DictConfig) -> str:
-    config = cfg.config
-    if isinstance(config, int):  # an all-digit config_id parsed as a number
-        config = str(config)
-    elif config is not None and not isinstance(config, str):
-        config = OmegaConf.to_container(config)
-    dep = Deployment.from_run(cfg.run_dir)
-    choice = dep.choose(cfg.bits, cfg.memory_mb, config)
-    out = Path(cfg.out) if cfg.out else default_folder(cfg, choice)
-    dep.export(out, cfg.bits, cfg.memory_mb, config, overwrite=cfg.overwrite)
-    summary = json.loads((out / "quantization.json").read_text())
-    Console().print(
-        f"exported {summary['avg_bits']:.3f} bits (config {summary['config_id']}) to {out}: "
-        f"{summary['export_bytes'] / 1e6:.1f} MB on disk, packed targets "
-        f"{summary['packed_bytes'] / 1e6:.2f} MB "
-        f"(fp32 weights {summary['fp32_bytes'] / 1e6:.1f} MB)",
-        soft_wrap=True,
-    )
-    return str(out)
+    with reported_errors(interrupted="the export stopped; nothing was written"):
+        out = export_run(cfg)
+        summary = json.loads((out / "quantization.json").read_text())
+        Console().print(
+            f"exported {summary['avg_bits']:.3f} bits (config {summary['config_id']}) to {out}: "
+            f"{summary['export_bytes'] / 1e6:.1f} MB on disk, packed targets "
+            f"{summary['packed_bytes'] / 1e6:.2f} MB "
+            f"(fp32 weights {summary['fp32_bytes'] / 1e6:.1f} MB)",
+            soft_wrap=True,
+        )
+        return str(out)
 
 
 if __name__ == "__main__":

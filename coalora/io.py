@@ -1,15 +1,20 @@
-"""File helpers: UTF-8 text input that names the bad line, and atomic output (readers see the
-old file or the new one, never a half-written one)."""
+"""File helpers: UTF-8 text and JSON input that names the bad file and line, torch files read
+without running pickled code, and atomic output (readers see the old file or the new one, never
+a half-written one)."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
+import pickle
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 
 def read_utf8(path: str | Path) -> str:
@@ -23,6 +28,53 @@ def read_utf8(path: str | Path) -> str:
         raise ValueError(
             f"{path}, line {line}: byte {data[err.start]:#04x} is not UTF-8 text "
             "(save the file as UTF-8)"
+        ) from None
+
+
+def read_json(path: str | Path) -> Any:
+    """The JSON value in ``path``; an empty file, bytes that are not UTF-8 and text that is not
+    JSON raise a ValueError naming the file (and the line)."""
+    text = read_utf8(path)
+    if not text.strip():
+        raise ValueError(f"{path} is empty: it holds no JSON")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"{path}, line {err.lineno}, column {err.colno}: not valid JSON ({err.msg})"
+        ) from None
+
+
+def load_torch_file(path: str | Path, prefix: str, what: str = "file") -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU: tensors and plain values only, so a
+    pickled object that would run code on load is refused unloaded.
+
+    Raises ``FileNotFoundError`` for a missing file and a ``ValueError`` starting with
+    ``prefix`` (e.g. ``ckpt_path=<path>``) for an empty, truncated, foreign or unsafe one;
+    ``what`` names the kind of file in the message (``checkpoint``).
+    """
+    import torch
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{prefix}: no such file")
+    if not path.is_file():
+        raise ValueError(f"{prefix}: a folder, not a file")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{prefix}: the file is empty")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        what = f"the Python object {found.group(1)}" if found else "pickled Python objects"
+        raise ValueError(
+            f"{prefix}: refused: it holds {what}, not only tensors and plain values; loading it "
+            "could run code, and coalora never writes such objects"
+        ) from None
+    except Exception as err:  # truncated, not a torch.save file
+        reason = str(err).split(". ")[0].strip() or type(err).__name__
+        raise ValueError(
+            f"{prefix}: not a readable {what}, truncated or not written by torch.save ({reason})"
         ) from None
 
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import pickle
-import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,7 +14,7 @@ from lightning.pytorch.plugins import TorchCheckpointIO
 from torchmetrics import Metric
 
 from coalora.configs import config_set_id
-from coalora.io import atomic_write
+from coalora.io import atomic_write, load_torch_file
 from coalora.model.backbone import Choice, QuantizedLoRAModel
 
 log = logging.getLogger(__name__)
@@ -64,21 +62,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"ckpt_path={path} is a folder; give its checkpoints/last.ckpt")
     if path.stat().st_size == 0:
         raise ValueError(f"ckpt_path={path}: the file is empty, not a checkpoint")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
-        what = f"the Python object {found.group(1)}" if found else "pickled Python objects"
-        raise ValueError(
-            f"ckpt_path={path}: refused: it holds {what}, not only tensors and plain values; "
-            "loading it could run code, and coalora checkpoints never hold such objects"
-        ) from None
-    except Exception as err:  # truncated, not a torch.save file
-        reason = str(err).split(". ")[0].strip() or type(err).__name__
-        raise ValueError(
-            f"ckpt_path={path}: not a readable checkpoint, truncated or not written by "
-            f"torch.save ({reason})"
-        ) from None
+    checkpoint = load_torch_file(path, f"ckpt_path={path}", what="checkpoint")
     missing = [
         key
         for key in ("state_dict", "coalora")

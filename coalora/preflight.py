@@ -13,13 +13,16 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from coalora.module import read_checkpoint
+from coalora.serve.positions import check_max_length
+
+SEED_RANGE = (0, 2**32 - 1)
+"""Seeds NumPy (and so ``lightning.seed_everything``) accepts."""
 
 
 def check_settings(cfg: DictConfig) -> dict[str, Any] | None:
     """Check the seed, the epoch count, ``trainer.*`` keys, the optimizer and ``ckpt_path``;
     returns the checkpoint to resume from (None without one)."""
-    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
-        raise ValueError(f"seed={cfg.seed!r} must be an integer")
+    check_seed(cfg.seed)
     max_epochs = cfg.trainer.get("max_epochs")
     if max_epochs is not None and (max_epochs == 0 or max_epochs < -1):
         raise ValueError(
@@ -30,6 +33,25 @@ def check_settings(cfg: DictConfig) -> dict[str, Any] | None:
     check_trainer_settings(cfg)
     check_optimizer(cfg)
     return resume
+
+
+def check_seed(seed: object, setting: str = "seed") -> int:
+    """``seed`` as an int within :data:`SEED_RANGE`."""
+    low, high = SEED_RANGE
+    if isinstance(seed, bool) or not isinstance(seed, int) or not low <= seed <= high:
+        raise ValueError(f"{setting}={seed!r} must be an integer from {low} to {high}")
+    return seed
+
+
+def check_data_length(cfg: DictConfig) -> None:
+    """Refuse a ``data.max_length`` longer than the model's token positions before any work (a
+    longer example would fail only when one occurs, after training): reads the model's
+    configuration only, not its weights."""
+    from transformers import AutoConfig
+
+    gguf = {"gguf_file": cfg.model.gguf_file} if cfg.model.get("gguf_file") else {}
+    config = AutoConfig.from_pretrained(cfg.model.name_or_path, **gguf)
+    check_max_length(cfg.data.max_length, config, "data.max_length", cfg.model.name)
 
 
 def read_resume_checkpoint(cfg: DictConfig) -> dict[str, Any] | None:

@@ -8,7 +8,6 @@ import gc
 import json
 import logging
 import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,14 +17,13 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
-from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 from rich.console import Console
 
+from coalora.cli import reported_errors
 from coalora.configs import (
     EvalConfig,
     allocate,
@@ -54,7 +52,7 @@ from coalora.model.backbone import Choice, QuantizedLoRAModel
 from coalora.model.hub import check_model_for_task, load_backbone, package_path
 from coalora.model.targets import find_targets, target_weights
 from coalora.module import CoALoRAModule, check_identity, full_parameters
-from coalora.preflight import check_settings
+from coalora.preflight import check_data_length, check_settings
 from coalora.quant import ErrorTable, cached_error_table, diagonal_fisher
 from coalora.serve.run_files import write_serving_files
 
@@ -79,11 +77,21 @@ def estimate_fisher(
 
 
 def load_error_table(cfg: DictConfig, datamodule: L.LightningDataModule) -> ErrorTable:
-    """The pre-trained model's error table (cached on disk, DESIGN §3)."""
-    backbone = load_backbone(cfg.model, datamodule.num_labels)
+    """The pre-trained model's error table (cached on disk, DESIGN §3), computed on the
+    training device; ``quant.table_sample_fraction`` estimates it on a fraction of the weights."""
+    from coalora.device import training_device
+
+    backbone = load_backbone(cfg.model, datamodule.num_labels).to(training_device(cfg.trainer))
     fisher = estimate_fisher(cfg, backbone, datamodule)
     weights = target_weights(backbone, find_targets(backbone, cfg.model.module_types))
-    return cached_error_table(weights, cfg.quant.fmt, cfg.paths.cache_dir, cfg.model.name, fisher)
+    return cached_error_table(
+        weights,
+        cfg.quant.fmt,
+        cfg.paths.cache_dir,
+        cfg.model.name,
+        fisher,
+        sample_fraction=cfg.quant.get("table_sample_fraction"),
+    )
 
 
 @dataclass(frozen=True)
@@ -208,6 +216,7 @@ def run_identity(
         "quant": cfg.quant.fmt,
         "method": cfg.method.name,
         "rank": cfg.method.rank,
+        "alpha": cfg.method.alpha,
     }
     if model is not None:
         identity |= {"options": len(model.options), "targets": len(model.targets)}
@@ -328,6 +337,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     their training is done."""
     out_dir = Path(cfg.paths.output_dir)
     resume = check_settings(cfg)
+    check_data_length(cfg)
     L.seed_everything(cfg.seed, workers=True)
     task = build_task(OmegaConf.to_container(cfg.task, resolve=True))
     check_model_for_task(cfg.model, task.name, task.kind)
@@ -567,34 +577,12 @@ def quiet_console_off_rank_zero() -> None:
             handler.setLevel(max(handler.level, logging.WARNING))
 
 
-def report_failure(message: str) -> None:
-    """Print why the run stopped on stderr and add it to the run's log file (``run.log``)."""
-    print(message, file=sys.stderr)
-    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler):
-            handler.handle(record)
-
-
-USER_ERRORS = (ValueError, OSError, InstantiationException, OmegaConfBaseException)
-"""Errors :func:`main` reports as one line, without a traceback (``HYDRA_FULL_ERROR=1`` shows
-it): bad settings, data or files, refused with a message that names them."""
-
-
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     torch.set_float32_matmul_precision("high")
     quiet_console_off_rank_zero()
-    try:
+    with reported_errors(interrupted="the run stopped before its evaluation"):
         return train(cfg).get("hv")  # None on ranks other than 0
-    except KeyboardInterrupt as err:
-        report_failure(f"interrupted: {str(err) or 'the run stopped before its evaluation'}")
-        raise SystemExit(130) from None
-    except USER_ERRORS as err:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        report_failure(f"error: {err}")
-        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ def minilm_weights(minilm_model) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="session")
 def table() -> ErrorTable:
-    """A synthetic error table: 4 matrices, all 432 NF options, error ∝ numel · 4^(−bits)."""
+    """A synthetic error table: 4 matrices, all 288 NF options, error ∝ numel · 4^(−bits)."""
     rng = np.random.default_rng(0)
     options = config_space("nf")
     numels = [4096, 4096, 16384, 16384]
@@ -76,3 +76,21 @@ def tiny_llama_config(vocab_size: int, **changes):
         max_position_embeddings=256,
     )
     return LlamaConfig(**{**settings, **changes})
+
+
+@pytest.fixture(scope="session")
+def run_dir(shared_data_dir, tmp_path_factory) -> Path:
+    """A ``debug=fast`` SST-2 run, trained once per session, that the serving tests serve."""
+    from hydra import compose, initialize_config_dir
+
+    from coalora.run import train
+
+    glue = shared_data_dir / "glue"
+    if not glue.exists():
+        pytest.skip("the shared GLUE data is not available")
+    out = tmp_path_factory.mktemp("served-run")
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    overrides = ["task=sst2", f"task.data_dir={glue}", "debug=fast", f"paths.output_dir={out}"]
+    with initialize_config_dir(str(conf), version_base="1.3"):
+        train(compose("train", overrides=overrides))
+    return out

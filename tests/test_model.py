@@ -135,8 +135,8 @@ def test_switching_configurations_uses_the_cache(minilm_qmodel, batch):
 def test_model_rejects_bad_configurations(minilm_qmodel):
     with pytest.raises(ValueError, match="needs 36 option indices, got 2"):
         minilm_qmodel.set_configuration([0, 1])
-    with pytest.raises(ValueError, match=r"\[432\] are outside \[0, 432\)"):
-        minilm_qmodel.set_configuration([432] + [0] * 35)
+    with pytest.raises(ValueError, match=r"\[288\] are outside \[0, 288\)"):
+        minilm_qmodel.set_configuration([288] + [0] * 35)
 
 
 def test_gradients_reach_lora_theta_and_head(minilm_qmodel, batch):

@@ -56,7 +56,8 @@ def test_bits_per_param_and_space():
     for fmt in ("nf", "int"):
         space = config_space(fmt)
         bpp = [c.bits_per_param for c in space]
-        assert len(space) == len(set(space)) == 432
+        assert len(space) == len(set(space)) == 288
+        assert {c.scale_dtype for c in space} == {"bf16", "fp32"}
         assert min(bpp) == pytest.approx(2.0322, abs=1e-4)
         assert max(bpp) == pytest.approx(8.625, abs=1e-9)
 

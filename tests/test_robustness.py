@@ -179,7 +179,13 @@ def test_lightning_checkpoints_are_renamed_into_place_and_load_weights_only(tmp_
 
 
 def test_a_checkpoint_of_other_settings_is_refused_before_any_work(tmp_path):
-    identity = {"model": "all-MiniLM-L6-v2", "task": "sentiment", "quant": "nf", "rank": 16}
+    identity = {
+        "model": "all-MiniLM-L6-v2",
+        "task": "sentiment",
+        "quant": "nf",
+        "rank": 16,
+        "alpha": 16,
+    }
     path = tmp_path / "shared.ckpt"
     torch.save({"state_dict": {}, "coalora": {"identity": {**identity, "method": "shared"}}}, path)
     with pytest.raises(
@@ -226,7 +232,7 @@ ROWS = b"".join(b"a fine film %d\t1\n" % i for i in range(5))
 @pytest.mark.parametrize(
     ("override", "error", "message"),
     [
-        ("seed=abc", ValueError, r"^seed='abc' must be an integer$"),
+        ("seed=abc", ValueError, r"^seed='abc' must be an integer from 0 to 4294967295$"),
         (
             "eval.budgets=[three]",
             ValueError,

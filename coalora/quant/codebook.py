@@ -70,6 +70,12 @@ EDGE_MARGIN = 0.01
 """Least distance, in cells, between a decision boundary and a cell edge of a :class:`LevelGrid`."""
 
 
+@functools.cache
+def codebook_on(fmt: Format, bits: int, device: torch.device) -> torch.Tensor:
+    """:func:`codebook` on ``device``, copied there once per process."""
+    return codebook(fmt, bits).to(device)
+
+
 @dataclass(frozen=True)
 class LevelGrid:
     """Nearest-level lookup on a uniform grid of ``cells`` cells over [-1, 1].
@@ -83,20 +89,23 @@ class LevelGrid:
     is ``below[cell] + (x > boundary[cell])``, exactly what ``bucketize`` returns.
     """
 
+    fmt: Format
     cells: int
     below: dict[int, torch.Tensor]
     boundary: dict[int, torch.Tensor]
 
-    def cell_of(self, x: torch.Tensor) -> torch.Tensor:
-        """Grid cell (int32) of every entry of ``x`` (values beyond ±1 fall in the end cells)."""
+    def cell_of(self, x: torch.Tensor, dtype: torch.dtype = torch.int32) -> torch.Tensor:
+        """Grid cell of every entry of ``x`` as ``dtype`` (values beyond ±1 fall in the end
+        cells). int64 indices gather faster on a CPU; int32 ones take half the memory."""
         position = (x + 1.0).mul_(self.cells / 2)
-        return position.clamp_(0, self.cells - 1).int()
+        return position.clamp_(0, self.cells - 1).to(dtype)
 
     def codes(self, x: torch.Tensor, bits: int, cell: torch.Tensor | None = None) -> torch.Tensor:
         """Nearest-level codes (uint8) of ``x``; pass ``cell`` to reuse :meth:`cell_of`."""
         cell = (self.cell_of(x) if cell is None else cell).reshape(-1)
-        below = self.below[bits].to(x.device).index_select(0, cell)
-        above = x.reshape(-1) > self.boundary[bits].to(x.device).index_select(0, cell)
+        below_table, boundary_table = grid_tables_on(self.fmt, bits, x.device)
+        below = below_table.index_select(0, cell)
+        above = x.reshape(-1) > boundary_table.index_select(0, cell)
         return below.add_(above).view(x.shape)
 
 
@@ -123,7 +132,37 @@ def level_grid(fmt: Format) -> LevelGrid:
         below[b] = torch.searchsorted(bd.double(), edges, right=False).to(torch.uint8)
         inside[b] = torch.full((cells,), math.inf)
         inside[b][index] = bd
-    return LevelGrid(cells, below, inside)
+    return LevelGrid(fmt, cells, below, inside)
+
+
+@functools.cache
+def grid_tables_on(
+    fmt: Format, bits: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``below[bits]`` and ``boundary[bits]`` of :func:`level_grid` on ``device``, copied there
+    once per process (a CPU gets the tables themselves)."""
+    grid = level_grid(fmt)
+    return grid.below[bits].to(device), grid.boundary[bits].to(device)
+
+
+@functools.cache
+def nearest_level_pairs(
+    fmt: Format, bits: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per cell of :func:`level_grid`, the midpoint ``m`` and half-gap ``h`` of the two levels
+    either side of the cell's decision boundary (where it holds none: of its level and the
+    next one, or ``h = 0`` past the last boundary), on ``device``.
+
+    The nearest of the two levels is at distance ``| |x - m| - h |``, so the squared distance
+    from ``x`` to its nearest level is ``(|x - m| - h)^2`` with no code lookup. It is continuous
+    in ``x`` (at a boundary both levels are equally near), so it equals the squared error of
+    the codes of :meth:`LevelGrid.codes` up to float rounding.
+    """
+    levels = codebook(fmt, bits)
+    below = level_grid(fmt).below[bits].long()
+    low = levels[below]
+    high = levels[(below + 1).clamp_(max=len(levels) - 1)]
+    return ((low + high) / 2).to(device), ((high - low) / 2).to(device)
 
 
 ROW_DTYPES = {2: torch.int64, 4: torch.complex128}
@@ -152,3 +191,12 @@ def packed_level_table(fmt: Format, bits: int) -> tuple[torch.Tensor, torch.dtyp
     table = levels[(index >> shifts) & (2**bits - 1)]
     index_dtype = torch.uint8 if index_bits == 8 else torch.uint16
     return table.view(ROW_DTYPES[per_index]).view(-1), index_dtype
+
+
+@functools.cache
+def packed_level_table_on(
+    fmt: Format, bits: int, device: torch.device
+) -> tuple[torch.Tensor, torch.dtype]:
+    """:func:`packed_level_table` with the table on ``device``, copied there once per process."""
+    table, index_dtype = packed_level_table(fmt, bits)
+    return table.to(device), index_dtype

@@ -12,6 +12,8 @@ ScaleDtype = Literal["bf16", "fp16", "fp32"]
 BITS = (2, 3, 4, 8)
 SCALE_BITS = (2, 3, 4, 8)
 SCALE_DTYPES: tuple[ScaleDtype, ...] = ("bf16", "fp16", "fp32")
+SPACE_SCALE_DTYPES: tuple[ScaleDtype, ...] = ("bf16", "fp32")
+"""The second-level scale dtypes of :func:`config_space`; fp16 is left out (see there)."""
 BLOCK_SIZES = (16, 32, 64)
 SCALE_BLOCK_SIZES = (16, 64, 256)
 FORMATS: tuple[Format, ...] = ("nf", "int")
@@ -77,11 +79,20 @@ class QuantConfig:
 
 
 def config_space(fmt: Format = "nf") -> list[QuantConfig]:
-    """All 4·4·3·3·3 = 432 options of one format, in a fixed order."""
+    """The 4·4·2·3·3 = 288 options of one format, in a fixed order.
+
+    The second-level scale dtype is bf16 or fp32 (``SPACE_SCALE_DTYPES``). fp16 is left out:
+    it costs the same 16 bits as bf16, but its 5-bit exponent overflows above 65504 (such an
+    option is then unusable, +inf in the error table), where bf16 has fp32's exponent range
+    and does not overflow on real weights; and their errors hardly differ (median relative
+    difference 2.5e-4 over MiniLM's target matrices and options, neither dtype systematically
+    lower). :class:`QuantConfig` still accepts ``"fp16"`` for direct use and explicit option
+    lists.
+    """
     _check_choice("fmt", fmt, FORMATS)
     return [
         QuantConfig(b, sb, sd, bs, sbs, fmt)
         for b, sb, sd, bs, sbs in itertools.product(
-            BITS, SCALE_BITS, SCALE_DTYPES, BLOCK_SIZES, SCALE_BLOCK_SIZES
+            BITS, SCALE_BITS, SPACE_SCALE_DTYPES, BLOCK_SIZES, SCALE_BLOCK_SIZES
         )
     ]

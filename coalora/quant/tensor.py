@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from coalora.quant.codebook import codebook, level_grid, packed_level_table
+from coalora.quant.codebook import codebook_on, level_grid, packed_level_table_on
 from coalora.quant.config import SCALE_DTYPE_WIDTH, Format, QuantConfig, ScaleDtype
 from coalora.quant.packing import pack, unpack
 
@@ -25,8 +25,10 @@ TORCH_SCALE_DTYPES: dict[str, torch.dtype] = {
 }
 
 CHUNK_WEIGHTS = 2**18
-"""Weights :func:`quantize` codes at a time: its fp32 temporaries stay at 1 MiB, memory the
-allocator reuses, where whole-matrix temporaries would fault in fresh pages every time."""
+"""Weights :func:`quantize` (and :func:`~coalora.quant.errors.matrix_errors`) work on at a time
+on a CPU: fp32 temporaries of 1 MiB stay in the cache and are memory the allocator reuses,
+where whole-matrix temporaries would fault in fresh pages every time. Other devices take the
+whole tensor in one pass."""
 
 
 class ScaleOverflowError(ValueError):
@@ -69,18 +71,27 @@ class DoubleQuantizedScales:
 
 
 def double_quantize(
-    absmax: torch.Tensor, scale_bits: int, scale_dtype: ScaleDtype, scale_block_size: int
+    absmax: torch.Tensor,
+    scale_bits: int,
+    scale_dtype: ScaleDtype,
+    scale_block_size: int,
+    check_overflow: bool = True,
 ) -> DoubleQuantizedScales:
     """Quantize the first-level scales ``absmax`` (steps 2–3 of DESIGN §2).
 
-    Raises :class:`ScaleOverflowError` if a second-level scale overflows ``scale_dtype``.
+    Args:
+        absmax: the first-level scales, one per block.
+        scale_bits, scale_dtype, scale_block_size: the configuration's b1, b2 and B1.
+        check_overflow: raise :class:`ScaleOverflowError` if a second-level scale overflows
+            ``scale_dtype`` (a device sync); otherwise the dequantized scales of such groups
+            are NaN and ``second`` holds ``inf``.
     """
     offset = absmax.min()
     shifted = F.pad(absmax - offset, (0, -absmax.numel() % scale_block_size))
     groups = shifted.view(-1, scale_block_size)
     largest = groups.amax(dim=1)
     second = largest.to(TORCH_SCALE_DTYPES[scale_dtype])
-    if not torch.isfinite(second).all():
+    if check_overflow and not torch.isfinite(second).all():
         finite_max = torch.finfo(second.dtype).max
         raise ScaleOverflowError(
             f"second-level scales overflow scale_dtype={scale_dtype!r}: its largest finite "
@@ -164,11 +175,11 @@ class QuantizedTensor:
         count = self.num_blocks * cfg.block_size
         dense = empty_fp32(count, device)
         if 8 % cfg.bits == 0:
-            table, index_dtype = packed_level_table(cfg.fmt, cfg.bits)
+            table, index_dtype = packed_level_table_on(cfg.fmt, cfg.bits, device)
             index = self.codes.view(index_dtype).int()
-            torch.index_select(table.to(device), 0, index, out=dense.view(table.dtype))
+            torch.index_select(table, 0, index, out=dense.view(table.dtype))
         else:
-            levels = codebook(cfg.fmt, cfg.bits).to(device)
+            levels = codebook_on(cfg.fmt, cfg.bits, device)
             torch.index_select(levels, 0, unpack(self.codes, cfg.bits, count), out=dense)
         dense.view(-1, cfg.block_size).mul_(self.dequantized_scales().unsqueeze(1))
         return dense[: self.numel].view(self.shape).to(self.dtype)
@@ -199,8 +210,9 @@ def packed_nbytes(numel: int, config: QuantConfig) -> int:
 def quantize(w: torch.Tensor, config: QuantConfig) -> QuantizedTensor:
     """Quantize ``w`` with ``config`` (steps 1–5 of DESIGN §2).
 
-    Any shape, layout and floating-point dtype: ``w`` is quantized in fp32 and
-    :meth:`QuantizedTensor.dequantize` returns its shape and dtype.
+    Any shape, layout and floating-point dtype: ``w`` is quantized in fp32, on its device, and
+    :meth:`QuantizedTensor.dequantize` returns its shape and dtype. A CPU codes
+    ``CHUNK_WEIGHTS`` weights at a time; other devices code the whole tensor in one pass.
 
     Raises ``TypeError`` for a ``w`` that is not a tensor, ``ValueError`` for non-float, empty
     or non-finite ``w``, and :class:`ScaleOverflowError` (a ``ValueError``) if its scales
@@ -221,12 +233,15 @@ def quantize(w: torch.Tensor, config: QuantConfig) -> QuantizedTensor:
     scales = double_quantize(
         blocks.abs().amax(dim=1), config.scale_bits, config.scale_dtype, config.scale_block_size
     )
-    codes = torch.empty(blocks.shape, dtype=torch.uint8, device=blocks.device)
-    rows = CHUNK_WEIGHTS // config.block_size
-    for start in range(0, len(blocks), rows):
-        part = slice(start, start + rows)
-        x = normalize(blocks[part], scales.dequantized[part])
-        codes[part] = nearest_codes(x, config.fmt, config.bits)
+    if blocks.device.type == "cpu":
+        codes = torch.empty(blocks.shape, dtype=torch.uint8, device=blocks.device)
+        rows = CHUNK_WEIGHTS // config.block_size
+        for start in range(0, len(blocks), rows):
+            part = slice(start, start + rows)
+            x = normalize(blocks[part], scales.dequantized[part])
+            codes[part] = nearest_codes(x, config.fmt, config.bits)
+    else:
+        codes = nearest_codes(normalize(blocks, scales.dequantized), config.fmt, config.bits)
     return QuantizedTensor(
         config=config,
         shape=w.shape,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import math
 import numbers
 from collections.abc import Sequence
@@ -15,12 +14,13 @@ from torch import nn
 
 from coalora.configs import allocate, config_bits, config_id
 from coalora.evaluation.report import read_configurations
+from coalora.io import read_json
 from coalora.model.backbone import Choice, QuantizedLoRAModel
 from coalora.model.hub import load_backbone, quiet_transformers
 from coalora.quant import ErrorTable, achievable_range, quantize
 from coalora.quant.tensor import OFFSET_BYTES, packed_nbytes
 from coalora.serve.packed import PackedLoRALinear
-from coalora.serve.run_files import RunFiles, read_run
+from coalora.serve.run_files import RUN_CONFIG_NAME, RunFiles, read_run
 
 BYTES_PER_MB = 1_000_000
 """``memory_mb`` counts megabytes of 10^6 bytes."""
@@ -30,6 +30,21 @@ def _check_number(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ValueError(f"{name}={value!r} must be a finite number")
     return float(value)
+
+
+def check_request(
+    bits: object = None, memory_mb: object = None, config: object = None
+) -> tuple[float | None, float | None]:
+    """Check a request before any model is loaded: exactly one of ``bits``, ``memory_mb`` and
+    ``config``, numbers finite; returns ``(bits, memory_mb)`` as floats (or None)."""
+    given = {k: v for k, v in (("bits", bits), ("memory_mb", memory_mb), ("config", config))}
+    chosen = [k for k, v in given.items() if v is not None]
+    if len(chosen) != 1:
+        raise ValueError(f"give exactly one of bits=, memory_mb=, config=; got {chosen or 'none'}")
+    return (
+        None if bits is None else _check_number("bits", bits),
+        None if memory_mb is None else _check_number("memory_mb", memory_mb),
+    )
 
 
 class Deployment:
@@ -70,14 +85,25 @@ class Deployment:
         run: RunFiles = read_run(run_dir)
         with quiet_transformers():
             backbone = load_backbone(run.config["model"], run.num_labels)
-        model = QuantizedLoRAModel.from_run_config(backbone, run.config)
-        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-        missing = sorted(trainable - set(run.state_dict))
-        unexpected = sorted(set(run.state_dict) - trainable)
-        if missing or unexpected:
+        try:
+            model = QuantizedLoRAModel.from_run_config(backbone, run.config)
+        except (KeyError, TypeError) as err:
+            raise ValueError(
+                f"{run.run_dir / RUN_CONFIG_NAME}: cannot build the model from its settings "
+                f"({type(err).__name__}: {err})"
+            ) from None
+        trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        missing = sorted(set(trainable) - set(run.state_dict))
+        unexpected = sorted(set(run.state_dict) - set(trainable))
+        resized = [
+            f"{n} {tuple(t.shape)} in the checkpoint, {tuple(trainable[n].shape)} in the model"
+            for n, t in run.state_dict.items()
+            if n in trainable and t.shape != trainable[n].shape
+        ]
+        if missing or unexpected or resized:
             raise ValueError(
                 f"the checkpoint of {run.run_dir} does not match its run_config.json "
-                f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+                f"(missing {missing[:3]}, unexpected {unexpected[:3]}, other shapes {resized[:3]})"
             )
         model.load_state_dict(run.state_dict, strict=False)
         return cls(model, run.table, run.config, run.run_dir)
@@ -144,32 +170,30 @@ class Deployment:
         """The configuration for exactly one of: an average-bits budget, a memory limit (MB of
         served weights), or an explicit configuration (option indices, a JSON file holding
         them, or a ``config_id`` from the run's ``eval/configurations.json``)."""
-        given = {k: v for k, v in (("bits", bits), ("memory_mb", memory_mb), ("config", config))}
-        chosen = [k for k, v in given.items() if v is not None]
-        if len(chosen) != 1:
-            raise ValueError(
-                f"give exactly one of bits=, memory_mb=, config=; got {chosen or 'none'}"
-            )
+        bits, memory_mb = check_request(bits, memory_mb, config)
         if bits is not None:
-            return allocate(self.table, _check_number("bits", bits))
+            return allocate(self.table, bits)
         if memory_mb is not None:
-            return self.allocate_memory(_check_number("memory_mb", memory_mb))
+            return self.allocate_memory(memory_mb)
         return self.model.check_choice(self.resolve_config(config))
 
     def resolve_config(self, config: Sequence[int] | str | Path) -> Sequence[int]:
         if not isinstance(config, str | Path):
-            if any(isinstance(j, bool) or not isinstance(j, numbers.Integral) for j in config):
-                raise ValueError(f"config must hold integer option indices, got {list(config)}")
+            if not isinstance(config, Sequence) or any(
+                isinstance(j, bool) or not isinstance(j, numbers.Integral) for j in config
+            ):
+                raise ValueError(f"config must hold integer option indices, got {config!r}")
             return config
         path = Path(config)
         if path.suffix == ".json" or path.is_file():
             if not path.is_file():
                 raise FileNotFoundError(f"configuration file {path} does not exist")
-            data = json.loads(path.read_text())
+            data = read_json(path)
             choice = data.get("choice") if isinstance(data, dict) else data
             if not isinstance(choice, list):
                 raise ValueError(
-                    f"{path} must hold a list of option indices or an object with a 'choice' list"
+                    f"config={path} must hold a list of option indices or an object with a "
+                    "'choice' list"
                 )
             return self.resolve_config(choice)
         known = self.known_configurations()

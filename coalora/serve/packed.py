@@ -8,7 +8,24 @@ from torch import nn
 
 from coalora.model.layers import QuantizedLinearFunction
 from coalora.quant import QuantConfig, QuantizedTensor
-from coalora.quant.tensor import PACKED_FIELDS
+from coalora.quant.tensor import PACKED_FIELDS, TORCH_SCALE_DTYPES
+
+
+def packed_layout(
+    numel: int, config: QuantConfig
+) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Shape and dtype of each packed tensor (:data:`PACKED_FIELDS`) that :func:`quantize`
+    stores for ``numel`` weights under ``config``: codes and first-level scale codes padded to
+    whole blocks and scale groups, one second-level scale per group, one fp32 offset. Their
+    bytes add up to :func:`coalora.quant.tensor.packed_nbytes`."""
+    blocks = -(-numel // config.block_size)
+    groups = -(-blocks // config.scale_block_size)
+    return {
+        "codes": ((blocks * config.block_size * config.bits // 8,), torch.uint8),
+        "scale_codes": ((groups * config.scale_block_size * config.scale_bits // 8,), torch.uint8),
+        "second_scales": ((groups,), TORCH_SCALE_DTYPES[config.scale_dtype]),
+        "offset": ((), torch.float32),
+    }
 
 
 class PackedLoRALinear(nn.Module):

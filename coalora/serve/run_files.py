@@ -9,9 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import constants as hub_constants
+from transformers import AutoConfig
 
-from coalora.io import atomic_write, atomic_write_text
+from coalora.io import atomic_write, atomic_write_text, load_torch_file, read_json
 from coalora.quant import ErrorTable
+from coalora.serve.positions import check_max_length
 
 RUN_CONFIG_NAME = "run_config.json"
 """The run's resolved configuration (model, quant, method, task, data) and its label count."""
@@ -53,8 +56,131 @@ class RunFiles:
     state_dict: dict[str, torch.Tensor]
 
 
+IDENTITY_SETTINGS = {
+    "model": "model.name",
+    "task": "task.name",
+    "quant": "quant.fmt",
+    "method": "method.name",
+    "rank": "method.rank",
+    "alpha": "method.alpha",
+}
+"""Where :data:`RUN_CONFIG_NAME` holds each entry of a checkpoint's recorded identity
+(``coalora.run.run_identity``); ``options`` and ``targets`` are checked against the error table."""
+RECORDED_DATA_SETTINGS = ("max_length", "tokenizer_path")
+"""``data.*`` settings the checkpoint's data-module record holds and serving depends on."""
+MISSING = "missing"
+
+
+def setting(config: Mapping[str, Any], dotted: str) -> Any:
+    """The value of ``a.b`` in a nested mapping; :data:`MISSING` when it is absent."""
+    value: Any = config
+    for part in dotted.split("."):
+        if not isinstance(value, Mapping) or part not in value:
+            return MISSING
+        value = value[part]
+    return value
+
+
+def check_run_config(
+    run_dir: Path, config: Mapping[str, Any], checkpoint: Mapping[str, Any], table: ErrorTable
+) -> None:
+    """Refuse a :data:`RUN_CONFIG_NAME` that disagrees with what the checkpoint recorded when it
+    was trained: every entry of its identity (model, task, format, method, rank, alpha, the
+    size of the option space and the number of target matrices) and the data settings of
+    :data:`RECORDED_DATA_SETTINGS`. Serving builds the model from the file, so an edit would
+    change the served model silently. Entries a checkpoint does not record are not checked
+    (checkpoints written before ``alpha`` was recorded keep ``method.alpha`` unchecked)."""
+    identity = checkpoint["coalora"].get("identity")
+    identity = identity if isinstance(identity, Mapping) else {}
+    differences = []
+    for key, saved in identity.items():
+        if key in IDENTITY_SETTINGS:
+            name, value = IDENTITY_SETTINGS[key], setting(config, IDENTITY_SETTINGS[key])
+            if value != saved:
+                differences.append(f"{name} is {value!r} there, {saved!r} in the checkpoint")
+        elif key in ("options", "targets"):
+            value = len(table.options) if key == "options" else len(table.names)
+            if value != saved:
+                differences.append(
+                    f"{ERROR_TABLE_NAME} has {value} {key}, the checkpoint's model {saved}"
+                )
+    data = checkpoint.get("datamodule_hyper_parameters")
+    for key in RECORDED_DATA_SETTINGS if isinstance(data, Mapping) else ():
+        value = setting(config, f"data.{key}")
+        if key in data and value != data[key]:
+            differences.append(f"data.{key} is {value!r} there, {data[key]!r} in the checkpoint")
+    if differences:
+        raise ValueError(
+            f"{run_dir / RUN_CONFIG_NAME} does not match the run's checkpoint {CHECKPOINT_PATH}: "
+            + "; ".join(differences)
+            + f". Restore the run's own {RUN_CONFIG_NAME}, or train a run with these settings"
+        )
+
+
+def read_run_config(run_dir: Path) -> tuple[dict[str, Any], int | None]:
+    """The resolved configuration and label count of :data:`RUN_CONFIG_NAME`."""
+    path = run_dir / RUN_CONFIG_NAME
+    saved = read_json(path)
+    config = saved.get("config") if isinstance(saved, dict) else None
+    sections = ("model", "quant", "method", "task", "data")
+    missing = [k for k in sections if not isinstance(setting(config or {}, k), Mapping)]
+    num_labels = saved.get("num_labels") if isinstance(saved, dict) else None
+    if (
+        config is None
+        or missing
+        or not isinstance(setting(config, "model.name_or_path"), str)
+        or not (num_labels is None or type(num_labels) is int)
+    ):
+        raise ValueError(
+            f"{path} is not a run configuration written by coalora (it needs 'config' with the "
+            f"sections {list(sections)} and model.name_or_path, and 'num_labels')"
+        )
+    return config, num_labels
+
+
+def read_error_table(path: Path) -> ErrorTable:
+    """The error table of a run, read without running pickled code."""
+    load_torch_file(path, f"cannot read the error table {path}")
+    try:
+        return ErrorTable.load(path)
+    except (KeyError, TypeError, ValueError, IndexError) as err:
+        raise ValueError(
+            f"cannot read the error table {path}: not an error table written by coalora ({err})"
+        ) from None
+
+
+def check_model_positions(run_dir: Path, config: Mapping[str, Any]) -> None:
+    """Refuse a run whose ``data.max_length`` exceeds its model's token positions, reading the
+    model's configuration only (not its weights)."""
+    model = config["model"]
+    gguf = {"gguf_file": model["gguf_file"]} if model.get("gguf_file") else {}
+    try:
+        model_config = AutoConfig.from_pretrained(model["name_or_path"], **gguf)
+    except (OSError, ValueError) as err:
+        where = f"cannot load the model of {run_dir / RUN_CONFIG_NAME}: model.name_or_path="
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if Path(str(model["name_or_path"])).is_dir():
+            raise ValueError(f"{where}{model['name_or_path']!r}: {reason}") from None
+        why = "the hub is offline: HF_HUB_OFFLINE=1" if hub_constants.HF_HUB_OFFLINE else reason
+        raise ValueError(
+            f"{where}{model['name_or_path']!r} is neither a local model folder nor a model in "
+            f"the hub cache ({why})"
+        ) from None
+    try:
+        check_max_length(
+            config["data"].get("max_length"), model_config, "data.max_length", model.get("name")
+        )
+    except ValueError as err:
+        raise ValueError(
+            f"{run_dir / RUN_CONFIG_NAME}: {err}; this run cannot be served: train it again "
+            "with a data.max_length the model covers"
+        ) from None
+
+
 def read_run(run_dir: str | Path) -> RunFiles:
-    """Read a run folder written by ``python -m coalora.run``; a clear error if it is not one."""
+    """Read a run folder written by ``python -m coalora.run``; a clear error if it is not one,
+    if its files are unsafe or disagree (:func:`check_run_config`), or if its ``max_length``
+    exceeds the model's positions: all before any model is loaded."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run folder {run_dir} does not exist")
@@ -75,16 +201,29 @@ def read_run(run_dir: str | Path) -> RunFiles:
             f"{run_dir} lacks {missing}: it was written by a coalora version without serving "
             "support; train it again to serve it"
         )
-    saved = json.loads((run_dir / RUN_CONFIG_NAME).read_text())
-    try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
-    except Exception as err:  # a truncated or foreign file: name it
-        raise ValueError(f"cannot read the checkpoint {checkpoint}: {err}") from err
+    config, num_labels = read_run_config(run_dir)
+    state = load_torch_file(checkpoint, f"cannot read the checkpoint {checkpoint}")
+    if not (
+        isinstance(state, dict)
+        and isinstance(state.get("state_dict"), dict)
+        and isinstance(state.get("coalora"), dict)
+    ):
+        raise ValueError(
+            f"cannot read the checkpoint {checkpoint}: not a coalora checkpoint (it lacks "
+            "'state_dict' or 'coalora')"
+        )
+    table = read_error_table(run_dir / ERROR_TABLE_NAME)
+    check_run_config(run_dir, config, state, table)
+    check_model_positions(run_dir, config)
     prefix = "model."
     return RunFiles(
         run_dir=run_dir,
-        config=saved["config"],
-        num_labels=saved["num_labels"],
-        table=ErrorTable.load(run_dir / ERROR_TABLE_NAME),
-        state_dict={k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)},
+        config=config,
+        num_labels=num_labels,
+        table=table,
+        state_dict={
+            k.removeprefix(prefix): v
+            for k, v in state["state_dict"].items()
+            if k.startswith(prefix)
+        },
     )
