@@ -9,7 +9,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export OMP_NUM_THREADS ?= 2
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install test test-slow lint bench demo compare clean
+.PHONY: install test test-slow lint bench bench-scale demo compare clean
 
 install: $(STAMP)
 
@@ -37,6 +37,14 @@ bench: install
 	$(BIN)/python experiments/bench_quant.py
 	$(BIN)/python experiments/bench_serve.py
 	OMP_NUM_THREADS=1 $(BIN)/python experiments/bench_search.py
+
+# coalora against peft + bitsandbytes QLoRA at a real LLM shape (random weights built locally,
+# never downloaded): step time, peak memory, error table, a search round and serving, written
+# to experiments/results/bench_scale/. bf16 is faster than fp32 for both on AVX512-BF16 CPUs.
+BENCH_SCALE_ARGS ?= --model qwen2.5-0.5b --device cpu --dtype bf16 --batch 4 --seq 128 --rank 16
+bench-scale: install
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	WANDB_MODE=disabled $(BIN)/python experiments/bench_scale.py $(BENCH_SCALE_ARGS)
 
 # The main job: CoA-LoRA on the embedded MiniLM and movie-review data, then the evaluation table.
 demo: install
