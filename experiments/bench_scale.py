@@ -11,7 +11,10 @@ Measured, on the same batch (random token ids, labels = input ids), rank and dty
   time, if ``--exact-table`` cached it before);
 - per method (``coalora`` at k = 1 and 2, ``coalora-int8``, ``shared``, ``qlora``, and the
   peer ``peft+bnb``): model load and build time, mean and median step time after one warm-up
-  step, peak resident memory (load and training), resident frozen target-weight bytes;
+  step, peak resident memory (load and training), resident frozen target-weight bytes, and
+  the time spent inside quantization and dequantization. Every method is measured in each of
+  ``--rounds`` rounds, every other round in reverse order, so that a change of machine load
+  hits all methods alike; ``--profile`` methods also profile one extra step (torch.profiler);
 - one configuration-search round scored with the real model on a held-out batch, then the
   same round again from the same initial state with the recorded losses: the search's own
   time and added resident memory;
@@ -20,7 +23,7 @@ Measured, on the same batch (random token ids, labels = input ids), rank and dty
 Results go to ``--out`` as ``results.csv``, ``results.json``, ``results.md`` and
 ``ratios.png`` (coalora / peft+bnb ratios, measured in the same run).
 
-    python experiments/bench_scale.py --model qwen2.5-0.5b --device cpu --steps 5
+    python experiments/bench_scale.py --model qwen2.5-0.5b --device cpu --dtype bf16
     python experiments/bench_scale.py --exact-table   # once, in the background: exact table
 """
 
@@ -52,7 +55,6 @@ CONF = ROOT / "conf"
 DEFAULT_OUT = ROOT / "experiments" / "results" / "bench_scale"
 WORK_ROOT = Path(tempfile.gettempdir()) / "coalora-bench-scale"
 MIB = 2**20
-GIB = 2**30
 
 QWEN25_COMMON = dict(
     vocab_size=151936,
@@ -249,6 +251,8 @@ def compose_config(args: argparse.Namespace, method: Method | None = None):
         f"quant.storage={'dense' if method is None else method.storage}",
         f"seed={args.seed}",
     ]
+    if args.cache_bytes is not None:
+        overrides.append(f"quant.cache_bytes={args.cache_bytes}")
     with initialize_config_dir(str(CONF), version_base="1.3"):
         return compose("train", overrides=overrides)
 
@@ -288,11 +292,11 @@ def sampled_table_kwargs(fraction: float) -> dict[str, float]:
 
 def child_table(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Time the error table of the target matrices (sampled estimate) and save it."""
-    from coalora.configs import allocate
     from coalora.quant import ErrorTable, config_space, error_table
 
     device = torch.device(args.device)
-    model = load_coalora(compose_config(args), device)
+    cfg = compose_config(args)
+    model = load_coalora(cfg, device)
     weights = model.frozen_weights()
     kwargs = sampled_table_kwargs(args.sample_fraction)
     exact_pt, _ = exact_table_paths(args)
@@ -312,15 +316,18 @@ def child_table(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     table.save(table_path(work))
     if kwargs and exact_pt.is_file():
         exact = ErrorTable.load(exact_pt)
-        result["allocation_vs_exact"] = compare_allocations(table, exact, allocate)
+        result["allocation_vs_exact"] = compare_allocations(table, exact, cfg.eval.budgets)
     return result
 
 
-def compare_allocations(sampled, exact, allocate: Callable) -> list[dict[str, float]]:
+def compare_allocations(sampled, exact, budgets: Sequence[float]) -> list[dict[str, float]]:
     """Exact total error of the sampled table's allocation over that of the exact table's
-    (1.0: the estimate chose as well as the exact table), at each evaluation budget."""
+    (1.0: the estimate chose as well as the exact table), at each of ``budgets``, and the
+    share of matrices given the same option."""
+    from coalora.configs import allocate
+
     rows = []
-    for budget in (2.5, 3.0, 3.5, 4.0, 5.0, 6.0):
+    for budget in budgets:
         picks = {name: allocate(t, budget) for name, t in (("sampled", sampled), ("exact", exact))}
         totals = {
             name: float(exact.errors[range(len(choice)), list(choice)].sum())
@@ -329,7 +336,7 @@ def compare_allocations(sampled, exact, allocate: Callable) -> list[dict[str, fl
         same = sum(a == b for a, b in zip(picks["sampled"], picks["exact"], strict=True))
         rows.append(
             {
-                "budget": budget,
+                "budget": float(budget),
                 "error_ratio": totals["sampled"] / totals["exact"],
                 "same_options": same / len(picks["exact"]),
             }
@@ -849,7 +856,9 @@ def markdown_report(results: dict[str, Any]) -> str:
         f"{s['batch']}x{s['seq']} random tokens (labels = inputs), rank {s['rank']}, "
         f"{s['steps']} timed steps after one warm-up in each of {s['rounds']} rounds (every "
         "other round in reverse order; steps pooled), each method in its own process, "
-        f"{s['threads']} threads, load average at start {s['load_average']}. Peer: "
+        f"{s['threads']} threads, load average at start {s['load_average']}; coalora's bound "
+        f"on cached packed weights (quant.cache_bytes) {s.get('cache_limit_mib') or 0:.0f} MiB. "
+        "Peer: "
         f"{s['peer']}.",
         "",
         "| method | k | load+build (s) | step mean (s) | step median (s) | step / peer | "
@@ -938,6 +947,7 @@ def plot_ratios(rows: list[dict[str, Any]], path: Path) -> None:
     """Bar chart of each coalora method's ratios to the peer, with the target lines."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
 
     rows = [r for r in rows if r["method"] != PEER and "step_ratio" in r]
     if not rows:
@@ -961,6 +971,9 @@ def plot_ratios(rows: list[dict[str, Any]], path: Path) -> None:
     ax.set_xticks(range(len(rows)), [r["method"] for r in rows])
     ax.set_ylabel(f"ratio to {PEER}")
     ax.set_yscale("log")
+    plain = FuncFormatter(lambda value, _: f"{value:g}")
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
     ax.legend(fontsize=8)
     ax.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
@@ -978,7 +991,8 @@ def write_results(results: dict[str, Any], out: Path) -> None:
     print(f"wrote {out}/results.{{csv,json,md}} and ratios.png")
 
 
-def setup_info(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+def setup_info(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings and the model's size, for the report."""
     from transformers import Qwen2Config
 
     config = Qwen2Config(**MODEL_SHAPES[args.model])
@@ -1022,7 +1036,7 @@ def parent(args: argparse.Namespace) -> None:
     results: dict[str, Any] = {"command": " ".join(map(shlex.quote, sys.argv)), "methods": {}}
     with tempfile.TemporaryDirectory(prefix="run-", dir=WORK_ROOT) as tmp:
         work = Path(tmp)
-        results["setup"] = setup_info(args, work) | {"model_build_s": build_s}
+        results["setup"] = setup_info(args) | {"model_build_s": build_s}
         stages = [("table", 0)]
         for r in range(args.rounds):  # every other round in reverse: drift hits all alike
             stages += [(m, r) for m in (args.methods if r % 2 == 0 else args.methods[::-1])]
@@ -1038,6 +1052,10 @@ def parent(args: argparse.Namespace) -> None:
             else:
                 results[stage] = result
         results["methods"] = {name: merge_rounds(rounds[name]) for name in args.methods}
+    limits = [
+        m["cache_limit_bytes"] for m in results["methods"].values() if "cache_limit_bytes" in m
+    ]
+    results["setup"]["cache_limit_mib"] = limits[0] / MIB if limits else None
     _, exact_info = exact_table_paths(args)
     if exact_info.is_file():
         results["exact_table"] = json.loads(exact_info.read_text())
@@ -1102,6 +1120,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=float,
         default=SAMPLE_FRACTION,
         help="error_table's sampled estimate: share of blocks quantized",
+    )
+    parser.add_argument(
+        "--cache-bytes",
+        type=int,
+        help="override quant.cache_bytes, coalora's bound on cached packed weights "
+        "(default: conf/quant/nf.yaml's)",
     )
     parser.add_argument(
         "--no-search", dest="search", action="store_false", help="skip the search round"
