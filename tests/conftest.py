@@ -94,3 +94,20 @@ def run_dir(shared_data_dir, tmp_path_factory) -> Path:
     with initialize_config_dir(str(conf), version_base="1.3"):
         train(compose("train", overrides=overrides))
     return out
+
+
+def small_run_config(checkpointing: bool) -> dict:
+    """The ``model``/``quant``/``method`` settings of a small CoA-LoRA model (rank 4, a tiny θ)
+    for ``QuantizedLoRAModel.from_run_config``."""
+    return {
+        "model": {"module_types": None, "gradient_checkpointing": checkpointing},
+        "quant": {"fmt": "nf", "cache_bytes": 2**28},
+        "method": {
+            "rank": 4,
+            "alpha": 8,
+            "dropout": 0.0,
+            "config_aware": True,
+            "embed_dim": 8,
+            "hidden_dim": 16,
+        },
+    }

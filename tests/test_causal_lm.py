@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_llama_config
+from conftest import small_run_config, tiny_llama_config
 from hydra import compose, initialize_config_dir
 from peft import PeftModel
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
@@ -144,26 +144,13 @@ def test_a_model_without_target_linears_is_refused():
 
 
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_llama):
-    config = {
-        "model": {"module_types": None, "gradient_checkpointing": False},
-        "quant": {"fmt": "nf", "cache_bytes": 2**30},
-        "method": {
-            "rank": 4,
-            "alpha": 8,
-            "dropout": 0.0,
-            "config_aware": True,
-            "embed_dim": 8,
-            "hidden_dim": 16,
-        },
-    }
     batch = {"input_ids": torch.randint(100, 2000, (2, 16))}
     batch["labels"] = batch["input_ids"]
     grads = []
     for checkpointing in (False, True):
-        config["model"]["gradient_checkpointing"] = checkpointing
         torch.manual_seed(0)
         model = QuantizedLoRAModel.from_run_config(
-            LlamaForCausalLM.from_pretrained(tiny_llama), config
+            LlamaForCausalLM.from_pretrained(tiny_llama), small_run_config(checkpointing)
         )
         torch.nn.init.normal_(model.config_net.mlp[-1].weight, std=0.1)
         for layer in model.layers:

