@@ -15,10 +15,16 @@ import contextlib
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from hydra.errors import InstantiationException
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf.errors import OmegaConfBaseException
+
+if TYPE_CHECKING:
+    import lightning as L
 
 log = logging.getLogger(__name__)
 
@@ -76,3 +82,60 @@ def reported_errors(interrupted: str) -> Iterator[None]:
             raise
         report_failure(f"error: {one_line(err)}")
         raise SystemExit(EXIT_ERROR) from None
+
+
+def check_launch(trainer: L.Trainer) -> None:
+    """Refuse a Hydra ``--multirun`` whose trainer would re-launch the script for its other
+    processes (strategy ``ddp`` without a launcher that starts one process per device, e.g.
+    SLURM tasks): each re-launched process would run the whole sweep again."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from lightning.pytorch.strategies.launchers.subprocess_script import (
+        _SubprocessScriptLauncher,
+    )
+
+    launcher = trainer.strategy.launcher
+    if (
+        isinstance(launcher, _SubprocessScriptLauncher)
+        and not launcher.cluster_environment.creates_processes_externally
+        and HydraConfig.initialized()
+        and HydraConfig.get().mode == RunMode.MULTIRUN
+    ):
+        raise ValueError(
+            f"strategy={type(trainer.strategy).__name__} with {trainer.num_devices} devices "
+            "re-launches `python -m coalora.run` for its other processes, which cannot be done "
+            "inside --multirun: run each job on its own, or sweep with a launcher that starts "
+            "one process per device (hydra/launcher=submitit_slurm with "
+            "hydra.launcher.tasks_per_node=<devices>)"
+        )
+
+
+def quiet_console_off_rank_zero() -> None:
+    """On a process of a multi-process run other than rank 0 (from the launcher's environment:
+    ``RANK``, ``LOCAL_RANK``, ``SLURM_PROCID``), show only warnings and errors on the console;
+    its Hydra log file (``train_ddp_process_<k>.log`` in the run folder) keeps everything."""
+    if rank_zero_only.rank == 0:
+        return
+    for handler in logging.getLogger().handlers:
+        if type(handler) is logging.StreamHandler:
+            handler.setLevel(max(handler.level, logging.WARNING))
+
+
+def quiet_libraries() -> None:
+    """Keep the libraries' chatter off an entry point's console: transformers' load reports
+    and bars, datasets' ``Map`` bars, Lightning's information lines and tips, and the
+    libraries' deprecation warnings. Progress bars of coalora and Lightning's training bar
+    stay; warnings and errors of every library still show."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for category in (DeprecationWarning, FutureWarning):
+        warnings.filterwarnings(
+            "ignore", category=category, module=r"(lightning|torch|transformers|datasets)(\.|$)"
+        )

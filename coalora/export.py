@@ -1,9 +1,9 @@
 """Hydra entry point: ``python -m coalora.export run_dir=<run> bits=3.0 [out=<folder>]``.
 
 Writes the run's model at one budget (``bits=``), memory limit (``memory_mb=``) or configuration
-(``config=``) as an export folder (see :mod:`coalora.serve.export`). The arguments are checked
-before the model is loaded; a refused one is reported as one ``error:`` line (exit status 1),
-Ctrl+C as one line (exit status 130).
+(``config=``) as an export folder (see :mod:`coalora.serve.export_format`). The arguments are
+checked before the model is loaded; a refused one is reported as one ``error:`` line (exit
+status 1), Ctrl+C as one line (exit status 130).
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from coalora.cli import reported_errors
-from coalora.configs import config_id
+from coalora.quant.space import config_id
 from coalora.serve import Deployment
 from coalora.serve.deployment import check_request
-from coalora.serve.export import check_export_target
+from coalora.serve.export_target import check_export_target
 
 
 def default_folder(cfg: DictConfig, choice: tuple[int, ...] | None = None) -> Path | None:

@@ -4,114 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.plugins import TorchCheckpointIO
 from torchmetrics import Metric
 
-from coalora.configs import config_set_id
-from coalora.io import atomic_write, load_torch_file
-from coalora.model.backbone import Choice, QuantizedLoRAModel
+from coalora.checkpoints import check_identity
+from coalora.model.backbone import QuantizedLoRAModel
+from coalora.quant import Choice
+from coalora.quant.space import config_set_id
 
 log = logging.getLogger(__name__)
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint file I/O (the ``plugins`` of ``conf/trainer/cpu.yaml``), safer:
-
-    - a checkpoint is written to a temporary file beside its target and renamed into place
-      (:func:`coalora.io.atomic_write`), so a run killed while saving keeps its previous
-      ``last.ckpt`` (Lightning's writer stages the file in the system's temporary folder and
-      copies it over the target when that folder lies on another filesystem);
-    - loading defaults to ``weights_only=True``.
-    """
-
-    def save_checkpoint(
-        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None
-    ) -> None:
-        if storage_options is not None or "://" in str(path):  # remote storage: Lightning's
-            return super().save_checkpoint(checkpoint, path, storage_options)
-        atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
-
-    def load_checkpoint(
-        self, path: Any, map_location: Any = None, weights_only: bool | None = None
-    ) -> dict[str, Any]:
-        options = {} if map_location is None else {"map_location": map_location}
-        return super().load_checkpoint(
-            path, weights_only=True if weights_only is None else weights_only, **options
-        )
-
-
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint written by coalora, safely: with ``weights_only=True`` (tensors and
-    plain values only; a pickled object that would run code on load is refused unloaded).
-
-    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming the file for a
-    folder, an empty, truncated or foreign file, and one without coalora's state.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(
-            f"ckpt_path={path}: no such file (resume from a run's checkpoints/last.ckpt)"
-        )
-    if not path.is_file():
-        raise ValueError(f"ckpt_path={path} is a folder; give its checkpoints/last.ckpt")
-    if path.stat().st_size == 0:
-        raise ValueError(f"ckpt_path={path}: the file is empty, not a checkpoint")
-    checkpoint = load_torch_file(path, f"ckpt_path={path}", what="checkpoint")
-    missing = [
-        key
-        for key in ("state_dict", "coalora")
-        if not isinstance(checkpoint, dict) or key not in checkpoint
-    ]
-    if missing:
-        raise ValueError(
-            f"ckpt_path={path}: not a coalora checkpoint (it lacks {missing}); resume from a "
-            "run's checkpoints/last.ckpt"
-        )
-    return checkpoint
-
-
-def check_identity(checkpoint: Mapping[str, Any], identity: Mapping[str, Any]) -> None:
-    """Refuse a checkpoint of another model, quantization format, method or option space: every
-    entry of ``identity`` must equal the one the checkpoint saved."""
-    if "coalora" not in checkpoint:
-        raise ValueError(
-            "the checkpoint was not written by coalora (it has no 'coalora' state); resume "
-            "from a run's checkpoints/last.ckpt"
-        )
-    saved = checkpoint["coalora"].get("identity", {})
-    differences = [
-        f"{key}: checkpoint {saved.get(key)!r}, this run {value!r}"
-        for key, value in identity.items()
-        if saved.get(key) != value
-    ]
-    if differences:
-        raise ValueError(
-            "cannot resume: the checkpoint was trained with other settings ("
-            + "; ".join(differences)
-            + "); resume with the checkpoint's settings or start a new run"
-        )
-
-
-@contextlib.contextmanager
-def full_parameters(trainer: L.Trainer) -> Iterator[None]:
-    """Every parameter whole on this process inside the block, for work outside the training
-    step (the configuration search, evaluation). Under FSDP the shards are gathered, a
-    collective every rank must enter, and not written back; under other strategies nothing
-    changes."""
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
-    model = trainer.strategy.model
-    if isinstance(model, FullyShardedDataParallel):
-        with FullyShardedDataParallel.summon_full_params(model, writeback=False):
-            yield
-    else:
-        yield
 
 
 class CoALoRAModule(L.LightningModule):
@@ -195,6 +100,7 @@ class CoALoRAModule(L.LightningModule):
     def on_train_epoch_start(self) -> None:
         self.check_ranks_agree()
         self.epoch_configs = list(self.train_configs)
+        self.model.expect_configurations(self.train_configs)
         known = set(self.trained_configs)
         self.trained_configs += [c for c in self.train_configs if c not in known]
         log.info(

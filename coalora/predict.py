@@ -1,7 +1,7 @@
 """Hydra entry point: ``python -m coalora.predict export=<folder> input=<file.tsv|file.txt>``.
 
-Scores every row of a local file with an export folder (see :mod:`coalora.serve.export`) and
-writes the rows, unchanged, with a ``prediction`` (label name) and its ``probability``; when
+Scores every row of a local file with an export folder (see :mod:`coalora.serve.export_format`)
+and writes the rows, unchanged, with a ``prediction`` (label name) and its ``probability``; when
 the file has the task's label column, prints the accuracy. The arguments, the export and the
 input are checked before the model is loaded; an existing output is never replaced unless
 ``overwrite=true`` and it is a predictions file written earlier.
@@ -23,7 +23,8 @@ from transformers import AutoConfig, AutoTokenizer
 
 from coalora.cli import reported_errors
 from coalora.io import atomic_write_text, read_utf8
-from coalora.serve.export import load_export, verify_export
+from coalora.serve.export_load import load_export
+from coalora.serve.export_verify import verify_export
 from coalora.serve.positions import check_max_length
 
 PREDICTION_COLUMNS = ("prediction", "probability")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
@@ -12,16 +13,18 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from coalora.module import read_checkpoint
+from coalora.checkpoints import read_checkpoint
+from coalora.methods import TrainingPlan
 from coalora.serve.positions import check_max_length
 
 SEED_RANGE = (0, 2**32 - 1)
 """Seeds NumPy (and so ``lightning.seed_everything``) accepts."""
 
 
-def check_settings(cfg: DictConfig) -> dict[str, Any] | None:
-    """Check the seed, the epoch count, ``trainer.*`` keys, the optimizer and ``ckpt_path``;
-    returns the checkpoint to resume from (None without one)."""
+def check_settings(cfg: DictConfig, plan: TrainingPlan) -> dict[str, Any] | None:
+    """Check the seed, the epoch count, ``trainer.*`` keys, the optimizer and ``ckpt_path``
+    (which the method's ``plan`` must be able to resume); returns the checkpoint to resume
+    from (None without one)."""
     check_seed(cfg.seed)
     max_epochs = cfg.trainer.get("max_epochs")
     if max_epochs is not None and (max_epochs == 0 or max_epochs < -1):
@@ -29,9 +32,9 @@ def check_settings(cfg: DictConfig) -> dict[str, Any] | None:
             f"trainer.max_epochs={max_epochs} trains nothing: use at least 1 (evaluation scores "
             "the configurations of the last trained epoch)"
         )
-    resume = read_resume_checkpoint(cfg)
-    check_trainer_settings(cfg)
-    check_optimizer(cfg)
+    resume = read_resume_checkpoint(cfg.ckpt_path, plan, cfg.method.name, cfg.eval.budgets)
+    check_trainer_settings(cfg.trainer)
+    check_optimizer(cfg.method.optimizer)
     return resume
 
 
@@ -54,36 +57,35 @@ def check_data_length(cfg: DictConfig) -> None:
     check_max_length(cfg.data.max_length, config, "data.max_length", cfg.model.name)
 
 
-def read_resume_checkpoint(cfg: DictConfig) -> dict[str, Any] | None:
+def read_resume_checkpoint(
+    ckpt_path: str | None, plan: TrainingPlan, method: str, eval_budgets: Sequence[float]
+) -> dict[str, Any] | None:
     """The checkpoint ``ckpt_path`` names (None without one), read before any work so that a
     missing, truncated, unsafe or foreign file is refused at once
-    (:func:`coalora.module.read_checkpoint`); it resumes one run only."""
-    if not cfg.ckpt_path:
+    (:func:`coalora.checkpoints.read_checkpoint`); it resumes one run only."""
+    if not ckpt_path:
         return None
-    budgets = cfg.eval.budgets
-    if cfg.method.training_set == "per_budget" and OmegaConf.is_list(budgets) and len(budgets) > 1:
-        raise ValueError(
-            f"ckpt_path resumes one run, but method={cfg.method.name} trains {len(budgets)}: "
-            "resume one budget at a time with eval.budgets=[<budget>]"
-        )
-    return read_checkpoint(cfg.ckpt_path)
+    problem = plan.resumable(method, list(eval_budgets) if OmegaConf.is_list(eval_budgets) else [])
+    if problem:
+        raise ValueError(problem)
+    return read_checkpoint(ckpt_path)
 
 
-def check_trainer_settings(cfg: DictConfig) -> None:
+def check_trainer_settings(trainer: DictConfig) -> None:
     """Refuse ``trainer.<key>`` settings that ``lightning.Trainer`` does not take (a typo added
     with ``+trainer.<key>=...``) before any work, naming the nearest setting it does take."""
-    if cfg.trainer.get("_target_") not in ("lightning.Trainer", "lightning.pytorch.Trainer"):
+    if trainer.get("_target_") not in ("lightning.Trainer", "lightning.pytorch.Trainer"):
         return
     accepted = set(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
-    unknown = sorted(set(cfg.trainer) - accepted - {"_target_"})
+    unknown = sorted(set(trainer) - accepted - {"_target_"})
     moved = {
         "gradient_clip_val": "method.gradient_clip_val",
         "accumulate_grad_batches": "a larger data.batch_size",
     }
     for key, instead in moved.items():
-        if cfg.trainer.get(key) not in (None, 1 if key == "accumulate_grad_batches" else None):
+        if trainer.get(key) not in (None, 1 if key == "accumulate_grad_batches" else None):
             raise ValueError(
-                f"trainer.{key}={cfg.trainer[key]!r} is not used: the module steps its optimizer "
+                f"trainer.{key}={trainer[key]!r} is not used: the module steps its optimizer "
                 f"itself (one configuration's graph at a time); use {instead}"
             )
     if unknown:
@@ -97,10 +99,10 @@ def check_trainer_settings(cfg: DictConfig) -> None:
         raise ValueError("; ".join(problems))
 
 
-def check_optimizer(cfg: DictConfig) -> None:
+def check_optimizer(optimizer: DictConfig) -> None:
     """Build ``method.optimizer`` once on a placeholder parameter, so that settings the
     optimizer refuses (a negative learning rate, betas outside [0, 1)) fail before any work."""
     try:
-        instantiate(cfg.method.optimizer)(params=[torch.nn.Parameter(torch.zeros(1))])
+        instantiate(optimizer)(params=[torch.nn.Parameter(torch.zeros(1))])
     except (ValueError, TypeError) as err:
-        raise ValueError(f"method.optimizer ({cfg.method.optimizer._target_}): {err}") from None
+        raise ValueError(f"method.optimizer ({optimizer._target_}): {err}") from None

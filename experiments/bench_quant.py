@@ -37,11 +37,11 @@ from coalora.quant import (
     ErrorTable,
     QuantConfig,
     allocate_budget,
-    average_bits,
     config_space,
     error_table,
     quantize,
 )
+from coalora.quant.space import mean_bits
 
 THROUGHPUT_SHAPE = (4096, 4096)
 THROUGHPUT_FORMATS: tuple[tuple[str, int], ...] = (
@@ -349,7 +349,7 @@ def time_allocation(
     seconds, choice = median_seconds(
         lambda: allocate_budget(errors, numels, budget, options), repeats
     )
-    reached = average_bits(numels, [options[j].bits_per_param for j in choice])
+    reached = mean_bits([options[j].bits_per_param for j in choice], numels)
     return dict(
         measurement=name, median_s=seconds, repeats=repeats, budget=budget, average_bits=reached
     )

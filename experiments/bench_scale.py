@@ -324,11 +324,14 @@ def compare_allocations(sampled, exact, budgets: Sequence[float]) -> list[dict[s
     """Exact total error of the sampled table's allocation over that of the exact table's
     (1.0: the estimate chose as well as the exact table), at each of ``budgets``, and the
     share of matrices given the same option."""
-    from coalora.configs import allocate
+    from coalora.quant import ConfigSpace
 
     rows = []
     for budget in budgets:
-        picks = {name: allocate(t, budget) for name, t in (("sampled", sampled), ("exact", exact))}
+        picks = {
+            name: ConfigSpace.from_table(t).allocate(budget)
+            for name, t in (("sampled", sampled), ("exact", exact))
+        }
         totals = {
             name: float(exact.errors[range(len(choice)), list(choice)].sum())
             for name, choice in picks.items()
@@ -365,15 +368,16 @@ def child_exact_table(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 # --- child: training steps ------------------------------------------------------------------------
 
 
-def training_configs(cfg, table, method: Method) -> list[tuple[int, ...]]:
-    """The method's training configurations, as ``coalora.run.training_runs`` gives them
-    (per-budget methods: the run of :data:`QLORA_BUDGET`)."""
-    from coalora.run import training_runs
+def training_run(cfg, table):
+    """The method's plan and the fit it makes (per-budget methods: the fit of
+    :data:`QLORA_BUDGET`)."""
+    from hydra.utils import instantiate
 
-    runs = training_runs(cfg, table)
-    if runs[0].budget is None:
-        return runs[0].train_configs
-    return next(r for r in runs if r.budget == QLORA_BUDGET).train_configs
+    from coalora.quant import ConfigSpace
+
+    plan = instantiate(cfg.method.plan)
+    runs = plan.runs(ConfigSpace.from_table(table), cfg.eval.budgets)
+    return plan, next(r for r in runs if r.budget in (None, QLORA_BUDGET))
 
 
 def build_coalora(args: argparse.Namespace, method: Method, work: Path, device: torch.device):
@@ -386,9 +390,12 @@ def build_coalora(args: argparse.Namespace, method: Method, work: Path, device: 
     cfg = compose_config(args, method)
     table = ErrorTable.load(table_path(work))
     model = load_coalora(cfg, device)
-    configs = training_configs(cfg, table, method)
-    if cfg.method.training_set == "per_budget":  # QLoRA's memory: that allocation packed only
-        model.keep_only(configs[0])
+    plan, run = training_run(cfg, table)
+    configs = run.train_configs
+    fixed = plan.fixed_configuration(run)
+    if fixed is not None:  # QLoRA's memory: that allocation packed only
+        model.keep_only(fixed)
+    model.expect_configurations(configs)  # what CoALoRAModule does at every epoch start
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = instantiate(cfg.method.optimizer)(params=params)
     sampler = torch.Generator().manual_seed(cfg.seed)
@@ -630,14 +637,15 @@ def child_search(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from coalora.quant import ErrorTable
+    from coalora.quant import ConfigSpace, ErrorTable
 
     device = torch.device(args.device)
     cfg = compose_config(args, METHODS["coalora"])
     table = ErrorTable.load(table_path(work))
     model = load_coalora(cfg, device).eval()
-    configs = training_configs(cfg, table, METHODS["coalora"])
-    search = instantiate(cfg.search.strategy, _partial_=True)(table, configs)
+    configs = training_run(cfg, table)[1].train_configs
+    space = ConfigSpace.from_table(table)
+    search = instantiate(cfg.search.strategy, _partial_=True)(space, configs)
     replay_search = copy.deepcopy(search)
     vocab = MODEL_SHAPES[args.model]["vocab_size"]
     heldout = random_batch(vocab, args.batch, args.seq, args.seed + 1, device)
@@ -696,7 +704,6 @@ def child_serve(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Time ``Deployment.at(bits=SERVE_BITS)``: a first call, then ``--serve-repeats`` more."""
     from omegaconf import OmegaConf
 
-    from coalora.configs import allocate
     from coalora.quant import ErrorTable
     from coalora.serve import Deployment
 
@@ -715,7 +722,7 @@ def child_serve(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         times.append(time.perf_counter() - start)
         del served
     start = time.perf_counter()
-    choice = allocate(table, SERVE_BITS)
+    choice = dep.space.allocate(SERVE_BITS)
     allocate_s = time.perf_counter() - start
     return {
         "bits": SERVE_BITS,

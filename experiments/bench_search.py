@@ -4,7 +4,7 @@ For each N, a synthetic error table of N target matrices with the shapes of Qwen
 blocks (q 896×896, k and v 128×896, o 896×896, gate and up 4864×896, down 896×4864, repeated
 block after block; N = 168 is that model's 24 blocks), every option of
 ``config_space("nf")`` and random positive errors falling with bits. The initial pool is
-:func:`coalora.configs.initial_training_set` of ``search.initial_budgets`` as a run builds it,
+:func:`coalora.selection.initial_training_set` of ``search.initial_budgets`` as a run builds it,
 and the search is :class:`coalora.search.ParetoGPSearch` with the settings of
 ``conf/search/pareto_gp.yaml``. A synthetic scorer stands in for the model: the loss is a
 smooth function of the configuration's quantization errors (log of a sensitivity-weighted mean
@@ -40,10 +40,10 @@ from bench_quant import console, machine_info, print_table, write_csv
 from omegaconf import OmegaConf
 
 import coalora.search.search as search_module
-from coalora.configs import budget_grid, initial_training_set
 from coalora.memory import MIB, PeakMemory, resident_bytes
-from coalora.quant import ErrorTable, config_space
+from coalora.quant import ConfigSpace, ErrorTable, config_space
 from coalora.search import ParetoGPSearch
+from coalora.selection import budget_grid, initial_training_set
 
 BLOCK_SHAPES = {
     "self_attn.q_proj": (896, 896),
@@ -157,8 +157,9 @@ def walk_moves(walk: Any, starts: np.ndarray) -> np.ndarray:
 def one_round(num_matrices: int, config: Path, seed: int) -> dict[str, Any]:
     settings, budgets = search_settings(config, seed)
     table = synthetic_table(num_matrices, seed)
-    pool = initial_training_set(table, budgets)
-    search = ParetoGPSearch(table, pool, **settings)
+    space = ConfigSpace.from_table(table)
+    pool = initial_training_set(space, budgets)
+    search = ParetoGPSearch(space, pool, **settings)
     scorer = SyntheticScorer(table, seed)
     starts: list[np.ndarray] = []
     walk_function = search_module.guided_walk

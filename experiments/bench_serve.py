@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 from bench_quant import console, machine_info, median_seconds, print_table, write_csv
 
-from coalora.configs import allocate
 from coalora.model.backbone import QuantizedLoRAModel
 from coalora.model.hub import load_classifier, package_path, quiet_transformers
 from coalora.quant import cached_error_table
@@ -51,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     rows = []
     for bits in BUDGETS:
         ready, model = median_seconds(lambda b=bits: dep.at(bits=b), args.repeats)
-        allocation, choice = median_seconds(lambda b=bits: allocate(dep.table, b), args.repeats)
+        allocation, choice = median_seconds(lambda b=bits: dep.space.allocate(b), args.repeats)
         build, _ = median_seconds(lambda c=choice: dep.build(c), args.repeats)
         packed = sum(m.quantized.nbytes for m in model.modules() if hasattr(m, "quantized"))
         rows.append(

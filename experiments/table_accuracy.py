@@ -30,7 +30,8 @@ from omegaconf import OmegaConf
 
 from coalora.model.hub import load_backbone, package_path
 from coalora.model.targets import find_targets, target_weights
-from coalora.quant import ErrorTable, allocate_budget, average_bits, config_space, error_table
+from coalora.quant import ErrorTable, allocate_budget, config_space, error_table
+from coalora.quant.space import mean_bits
 
 CONF_MODELS = Path(__file__).resolve().parents[1] / "conf" / "model"
 MODELS = ("minilm", "smollm2", "qwen2.5-0.5b-random")
@@ -149,8 +150,8 @@ def allocation_rows(
                     if estimated.any()
                     else 0.0,
                     budget=budget,
-                    average_bits=average_bits(
-                        exact.numels, [options[j].bits_per_param for j in choice]
+                    average_bits=mean_bits(
+                        [options[j].bits_per_param for j in choice], exact.numels
                     ),
                     identical=choice == best,
                     matrices_differing=int(np.sum(np.array(choice) != np.array(best))),

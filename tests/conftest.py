@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from coalora.quant import ErrorTable, config_space  # noqa: E402
+from coalora.quant import ConfigSpace, ErrorTable, config_space  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -60,6 +60,12 @@ def table() -> ErrorTable:
     bpp = np.array([o.bits_per_param for o in options])
     errors = np.outer(numels, 4.0**-bpp) * rng.uniform(0.8, 1.2, (len(numels), len(options)))
     return ErrorTable([f"m{i}" for i in range(4)], numels, options, torch.tensor(errors))
+
+
+@pytest.fixture(scope="session")
+def space(table) -> ConfigSpace:
+    """The configuration space of :func:`table`."""
+    return ConfigSpace.from_table(table)
 
 
 def tiny_llama_config(vocab_size: int, **changes):

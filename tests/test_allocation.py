@@ -9,17 +9,17 @@ import torch
 from scipy.optimize import Bounds, LinearConstraint, milp
 
 from coalora.quant import (
+    ConfigSpace,
     ErrorTable,
     QuantConfig,
-    achievable_range,
     allocate_budget,
-    average_bits,
     cached_error_table,
     config_space,
     diagonal_fisher,
     error_table,
 )
 from coalora.quant.allocation import efficient_options
+from coalora.quant.space import mean_bits
 
 SPACE = config_space("nf")
 MINILM_NUMELS = [384 * 384] * 24 + [384 * 1536] * 12
@@ -29,7 +29,7 @@ def brute_force(errors, numels, budget, options):
     bpp = [o.bits_per_param for o in options]
     best, best_choice = np.inf, None
     for choice in itertools.product(range(len(options)), repeat=len(numels)):
-        if average_bits(numels, [bpp[j] for j in choice]) <= budget + 1e-12:
+        if mean_bits([bpp[j] for j in choice], numels) <= budget + 1e-12:
             total = sum(errors[i][j] for i, j in enumerate(choice))
             if total < best:
                 best, best_choice = total, choice
@@ -74,12 +74,12 @@ def test_allocation_equals_brute_force(trial):
     options = [SPACE[j] for j in sorted(rng.choice(len(SPACE), size=6, replace=False))]
     numels = rng.integers(100, 5000, size=4).tolist()
     errors = synthetic_errors(rng, numels, options)
-    low, high = achievable_range(numels, options)
+    low, high = ConfigSpace(options, numels).range
     budget = float(rng.uniform(low, high))
     choice = allocate_budget(errors, numels, budget, options)
     best, _ = brute_force(errors, numels, budget, options)
     assert sum(errors[i][j] for i, j in enumerate(choice)) == pytest.approx(best, rel=1e-9)
-    assert average_bits(numels, [options[j].bits_per_param for j in choice]) <= budget + 1e-9
+    assert mean_bits([options[j].bits_per_param for j in choice], numels) <= budget + 1e-9
 
 
 def test_allocation_meets_budget_on_full_space():
@@ -89,7 +89,7 @@ def test_allocation_meets_budget_on_full_space():
     previous = np.inf
     for budget in (2.5, 3.0, 3.5, 4.0, 5.0, 6.0):
         choice = allocate_budget(errors, numels, budget, SPACE)
-        reached = average_bits(numels, [SPACE[j].bits_per_param for j in choice])
+        reached = mean_bits([SPACE[j].bits_per_param for j in choice], numels)
         assert budget - 0.05 < reached <= budget + 1e-9
         total = sum(errors[i][j] for i, j in enumerate(choice))
         assert total < previous  # a larger budget never does worse
@@ -99,7 +99,7 @@ def test_allocation_meets_budget_on_full_space():
 def test_allocation_at_range_ends():
     numels = [4096, 1024]
     errors = synthetic_errors(np.random.default_rng(2), numels, SPACE)
-    low, high = achievable_range(numels, SPACE)
+    low, high = ConfigSpace(SPACE, numels).range
     assert low == pytest.approx(2.0322, abs=1e-4) and high == pytest.approx(8.625)
     cheapest = allocate_budget(errors, numels, low, SPACE)
     assert all(SPACE[j].bits_per_param == pytest.approx(low) for j in cheapest)
@@ -140,14 +140,14 @@ def usable_range(errors, numels, options):
     bpp = np.array([o.bits_per_param for o in options])
     usable = np.where(np.isfinite(errors), bpp, np.nan)
     return (
-        average_bits(numels, np.nanmin(usable, axis=1)),
-        average_bits(numels, np.nanmax(usable, axis=1)),
+        mean_bits(np.nanmin(usable, axis=1), numels),
+        mean_bits(np.nanmax(usable, axis=1), numels),
     )
 
 
 def assert_optimal(errors, numels, budget, options, choice):
     bpp = [o.bits_per_param for o in options]
-    assert average_bits(numels, [bpp[j] for j in choice]) <= budget + 1e-9
+    assert mean_bits([bpp[j] for j in choice], numels) <= budget + 1e-9
     assert np.isfinite(total_error(errors, choice))
     expected = milp_minimum(errors, numels, budget, options)
     assert total_error(errors, choice) == pytest.approx(expected, rel=1e-9)

@@ -20,10 +20,12 @@ from lightning.pytorch.trainer.states import RunningStage
 from omegaconf import open_dict
 from torch.utils.data import DataLoader
 
-from coalora.configs import allocate, config_set_id
+from coalora.cli import check_launch
 from coalora.data.datamodule import EpochShuffleSampler
+from coalora.methods import TrainingRun
 from coalora.module import CoALoRAModule
-from coalora.run import TrainingRun, check_launch, make_trainer
+from coalora.pipeline import make_trainer
+from coalora.quant import config_set_id
 from coalora.search import ParetoGPSearch
 from coalora.search.callback import ParetoSearchCallback
 
@@ -81,8 +83,8 @@ def fake_trainer(rank: int, rank_zero_object):
     )
 
 
-def test_a_rank_out_of_step_with_rank_zero_is_refused(table):
-    configs = [allocate(table, b) for b in (3.0, 4.0)]
+def test_a_rank_out_of_step_with_rank_zero_is_refused(space):
+    configs = [space.allocate(b) for b in (3.0, 4.0)]
 
     def rank_one(train_configs, sampler_draws: int):
         sampler = torch.Generator().manual_seed(0)
@@ -105,10 +107,10 @@ def test_a_rank_out_of_step_with_rank_zero_is_refused(table):
         CoALoRAModule.check_ranks_agree(rank_one(configs, 1))  # sampler one draw ahead
 
 
-def test_a_rank_other_than_zero_takes_the_search_result_of_rank_zero(table, tmp_path):
-    pool = [allocate(table, b) for b in (3.0, 4.0, 5.0)]
-    rank_zero = ParetoGPSearch(table, [pool[2], pool[0]], seed=7)
-    search = ParetoGPSearch(table, pool)
+def test_a_rank_other_than_zero_takes_the_search_result_of_rank_zero(space, tmp_path):
+    pool = [space.allocate(b) for b in (3.0, 4.0, 5.0)]
+    rank_zero = ParetoGPSearch(space, [pool[2], pool[0]], seed=7)
+    search = ParetoGPSearch(space, pool)
     callback = ParetoSearchCallback(search, tmp_path / "config_set")
     module = SimpleNamespace(train_configs=list(pool))
     callback.on_train_epoch_end(fake_trainer(1, rank_zero.state_dict()), module)
@@ -156,14 +158,14 @@ def test_slurm_launcher_config_extends_the_submitit_plugin():
     assert (launcher.cpus_per_task, launcher.mem_gb, launcher.partition) == (8, 32, None)
 
 
-def test_wandb_runs_share_a_group_and_carry_method_and_budget(table, tmp_path):
+def test_wandb_runs_share_a_group_and_carry_method_and_budget(space, tmp_path):
     cfg = compose_config(
         ["logger=wandb", "method=qlora", "debug=fast", "seed=3", f"paths.output_dir={tmp_path}"]
     )
-    choice = allocate(table, 3.0)
+    choice = space.allocate(3.0)
     names = {}
     for run in (TrainingRun("budget_3.0", [choice], 3.0), TrainingRun("", [choice])):
-        _, loggers = make_trainer(cfg, table, run)
+        _, loggers = make_trainer(cfg, space, run)
         experiment = loggers[0].experiment  # WANDB_MODE=disabled: no network
         names[run.name] = experiment.name
         assert experiment.group == f"sentiment-{cfg.model.name}-nf"

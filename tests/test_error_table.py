@@ -8,13 +8,13 @@ import torch
 import coalora.quant.errors as errors_module
 import coalora.quant.tensor as tensor_module
 from coalora.quant import QuantConfig, cached_error_table, config_space, error_table, quantize
-from coalora.quant.errors import (
+from coalora.quant.error_sampling import (
     MIN_SAMPLED_CHUNKS,
     SAMPLE_CHUNK_WEIGHTS,
     chunk_energy,
-    matrix_errors,
     sample_chunks,
 )
+from coalora.quant.errors import matrix_errors
 
 OPTIONS = config_space("nf")[::11] + config_space("int")[4::37]
 

@@ -115,6 +115,38 @@ def test_model_replaces_targets_and_keeps_the_rest(minilm_qmodel, batch):
         assert torch.allclose(model(**batch).logits, original(**batch).logits, atol=1e-5)
 
 
+def test_weight_cache_keeps_the_pairs_training_uses_most():
+    weight = torch.randn(64, 64)
+    size = quantize(weight, NF4).nbytes
+    cache = QuantizedWeightCache(max_bytes=2 * size)
+    cache.expect(["shared", "shared", "shared", "a", "b"])  # "shared" is in 3 configurations
+    built = []
+
+    def get(k):
+        cache.get(k, lambda: built.append(k) or quantize(weight, NF4))
+
+    for k in ["shared", "a", "b", "a", "shared", "eval"]:
+        get(k)
+    # "b" evicted "a" (equal priority, least recently used), never "shared"; "eval" (no
+    # expected use) was returned but not kept.
+    assert built == ["shared", "a", "b", "a", "eval"]
+    assert set(cache._entries) == {"shared", "a"} and cache.nbytes == 2 * size
+    cache.expect([])  # no expectation: least recently used again
+    get("eval")
+    assert set(cache._entries) == {"shared", "eval"}  # "a" was the least recently used
+
+
+def test_model_expects_its_training_configurations(minilm_qmodel):
+    model = minilm_qmodel
+    choices = [tuple([0] * len(model.targets)), tuple([1] * len(model.targets))]
+    model.expect_configurations(choices + choices[:1])
+    layer = model.layers[0]
+    uses = model.cache._uses
+    assert uses[layer.cache_key(model.options[0])] == 2
+    assert uses[layer.cache_key(model.options[1])] == 1
+    assert sum(uses.values()) == 3 * len(model.targets)
+
+
 def test_switching_configurations_uses_the_cache(minilm_qmodel, batch):
     model = minilm_qmodel
     model.eval()
@@ -129,7 +161,7 @@ def test_switching_configurations_uses_the_cache(minilm_qmodel, batch):
         assert model.cache.misses == misses  # no requantization on a switch back
         assert torch.equal(model(**batch).logits, a)
     assert not torch.allclose(a, b)
-    assert model.average_bits(low) == pytest.approx(model.options[0].bits_per_param)
+    assert model.space.bits(low) == pytest.approx(model.options[0].bits_per_param)
 
 
 def test_model_rejects_bad_configurations(minilm_qmodel):

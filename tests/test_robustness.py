@@ -17,9 +17,10 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from coalora.checkpoint_io import AtomicCheckpointIO
+from coalora.checkpoints import read_checkpoint
 from coalora.data import build_task
 from coalora.evaluation import read_results
-from coalora.module import AtomicCheckpointIO, read_checkpoint
 from coalora.quant import config_space, quantize
 from coalora.run import train
 

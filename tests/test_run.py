@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-import coalora.run
-from coalora.configs import allocate, config_bits
+import coalora.pipeline
 from coalora.evaluation import read_results
 from coalora.model.backbone import QuantizedLoRAModel
 from coalora.pareto import segmented_pareto_filter
-from coalora.quant import ErrorTable, config_space
+from coalora.quant import ConfigSpace, ErrorTable, config_space
 from coalora.quant.tensor import packed_nbytes
 from coalora.run import train
 from coalora.search.callback import ParetoSearchCallback
@@ -58,8 +58,8 @@ def test_search_configs_build_the_callback(name, tmp_path):
     cfg = compose_config([f"search={name}", "debug=fast", f"paths.output_dir={tmp_path}"])
     options = config_space(cfg.quant.fmt)
     errors = torch.tensor([[4.0**-o.bits_per_param for o in options]] * 2, dtype=torch.float64)
-    table = ErrorTable(["a", "b"], [64, 64], options, errors)
-    search = instantiate(cfg.search.strategy, _partial_=True)(table, [allocate(table, 4.0)])
+    space = ConfigSpace.from_table(ErrorTable(["a", "b"], [64, 64], options, errors))
+    search = instantiate(cfg.search.strategy, _partial_=True)(space, [space.allocate(4.0)])
     callback = instantiate(cfg.search.callback, _partial_=True)(search)
     assert isinstance(callback, ParetoSearchCallback) and callback.search is search
     assert (search.num_proposals, callback.heldout_size) == (4, 16)
@@ -187,7 +187,7 @@ def cached_table(overrides: list[str]) -> ErrorTable:
 
 def test_per_budget_baselines_train_one_run_per_budget(glue_overrides, tmp_path, monkeypatch):
     models, alive_at_fit_start = weakref.WeakSet(), []
-    build, fit = QuantizedLoRAModel.__init__, coalora.run.fit_and_evaluate
+    build, fit = QuantizedLoRAModel.__init__, coalora.pipeline.fit_and_evaluate
 
     def tracked_build(self, *args, **kwargs):
         build(self, *args, **kwargs)
@@ -198,10 +198,11 @@ def test_per_budget_baselines_train_one_run_per_budget(glue_overrides, tmp_path,
         return fit(*args, **kwargs)
 
     monkeypatch.setattr(QuantizedLoRAModel, "__init__", tracked_build)
-    monkeypatch.setattr(coalora.run, "fit_and_evaluate", tracked_fit)
+    monkeypatch.setattr(coalora.pipeline, "fit_and_evaluate", tracked_fit)
     summary = run([*glue_overrides, "method=lqlora", "eval.budgets=[3.0,4.0]"], tmp_path)
     assert alive_at_fit_start == [0, 0]  # no finished fit stays in memory
     table = cached_table(glue_overrides)
+    space = ConfigSpace.from_table(table)
     assert [r["name"] for r in summary["runs"]] == ["budget_3.0", "budget_4.0"]
     assert all(r["training_configurations"] == 1 for r in summary["runs"])
     assert summary["train_seconds"] == pytest.approx(
@@ -214,7 +215,7 @@ def test_per_budget_baselines_train_one_run_per_budget(glue_overrides, tmp_path,
         ("lqlora", "seen", 4.0),
     ]
     for r in records:
-        assert r.avg_bits == pytest.approx(config_bits(table, allocate(table, r.target_budget)))
+        assert r.avg_bits == pytest.approx(space.bits(space.allocate(r.target_budget)))
     assert (
         summary["compared_split"] == "seen" and summary["trainable_parameters"]["config_net"] == 0
     )
@@ -223,7 +224,7 @@ def test_per_budget_baselines_train_one_run_per_budget(glue_overrides, tmp_path,
         assert len(ckpt["coalora"]["train_configs"]) == 1
     # A per-budget run holds its allocation's packed codes only, not dense weights.
     for entry in summary["runs"]:
-        choice = allocate(table, entry["budget"])
+        choice = space.allocate(entry["budget"])
         packed = sum(
             packed_nbytes(n, table.options[j]) for n, j in zip(table.numels, choice, strict=True)
         )
@@ -238,8 +239,8 @@ def test_per_budget_baselines_train_one_run_per_budget(glue_overrides, tmp_path,
 def test_shared_lora_trains_its_fixed_budgets_without_theta(glue_overrides, tmp_path):
     summary = run([*glue_overrides, "method=shared"], tmp_path)
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
-    table = cached_table(glue_overrides)
-    expected = [list(allocate(table, b)) for b in (2.5, 3.0, 3.5, 4.0)]
+    space = ConfigSpace.from_table(cached_table(glue_overrides))
+    expected = [list(space.allocate(b)) for b in (2.5, 3.0, 3.5, 4.0)]
     assert ckpt["coalora"]["train_configs"] == expected
     assert not any("config_net" in k for k in ckpt["state_dict"])
     assert not (tmp_path / "config_set").exists()  # search=frozen comes with the method
@@ -248,21 +249,22 @@ def test_shared_lora_trains_its_fixed_budgets_without_theta(glue_overrides, tmp_
         run([*glue_overrides, "method=shared", "search=random"], tmp_path / "bad")
 
 
-def test_training_runs_follow_the_method(table):
-    from coalora.run import training_runs
-
+def test_training_runs_follow_the_method(space):
     def runs(*overrides):
-        return training_runs(compose_config(["debug=fast", *overrides]), table)
+        cfg = compose_config(["debug=fast", *overrides])
+        plan = instantiate(cfg.method.plan)
+        plan.check_search(cfg.method.name, cfg.search.name, bool(cfg.search.get("callback")))
+        return plan.runs(space, cfg.eval.budgets)
 
     (coalora,) = runs("method=coalora")
     assert coalora.budget is None and len(coalora.train_configs) >= 2
     (shared,) = runs("method=shared")
-    assert shared.train_configs == [allocate(table, b) for b in (2.5, 3.0, 3.5, 4.0)]
+    assert shared.train_configs == [space.allocate(b) for b in (2.5, 3.0, 3.5, 4.0)]
     per_budget = runs("method=qlora")
     assert [r.name for r in per_budget] == [f"budget_{b}" for b in (2.5, 3.0, 3.5, 4.0, 5.0, 6.0)]
-    assert all(r.train_configs == [allocate(table, r.budget)] for r in per_budget)
-    with pytest.raises(ValueError, match=r"method.training_set='all'; choose one of"):
-        runs("method.training_set=all")
+    assert all(r.train_configs == [space.allocate(r.budget)] for r in per_budget)
+    with pytest.raises(ConfigCompositionException, match="Could not find 'method/plan/all'"):
+        runs("method/plan=all")
     with pytest.raises(ValueError, match="method=qlora trains a fixed set.*not search=pareto_gp"):
         runs("method=qlora", "search=pareto_gp")
 
@@ -288,7 +290,7 @@ def test_bad_settings_fail_before_training(glue_overrides, tmp_path, override, m
 
 
 def test_resuming_under_other_settings_is_refused(fast_run, glue_overrides, tmp_path):
-    from coalora.module import check_identity
+    from coalora.checkpoints import check_identity
 
     out, _ = fast_run
     ckpt = out / "checkpoints" / "last.ckpt"

@@ -9,9 +9,8 @@ import pytest
 import torch
 
 import coalora.search.search as search_module
-from coalora.configs import allocate, config_bits, initial_training_set
 from coalora.pareto import non_dominated_mask, segmented_pareto_filter
-from coalora.quant import ErrorTable, config_space
+from coalora.quant import ConfigSpace, ErrorTable, config_space
 from coalora.search import (
     OptionGrid,
     ParetoGPSearch,
@@ -21,16 +20,17 @@ from coalora.search import (
     log_ehvi,
     reference_point,
 )
+from coalora.selection import initial_training_set
 
 
 @pytest.fixture(scope="module")
-def grid(table) -> OptionGrid:
-    return OptionGrid.from_table(table)
+def grid(space) -> OptionGrid:
+    return OptionGrid.from_space(space)
 
 
 @pytest.fixture(scope="module")
-def pool(table) -> list[tuple[int, ...]]:
-    return [allocate(table, b) for b in (2.5, 3.0, 3.5, 4.0, 5.0, 6.0)]
+def pool(space) -> list[tuple[int, ...]]:
+    return [space.allocate(b) for b in (2.5, 3.0, 3.5, 4.0, 5.0, 6.0)]
 
 
 def synthetic_loss(table: ErrorTable):
@@ -79,12 +79,12 @@ def test_encoding_round_trip_and_dominated_options(table, grid):
         grid.choices(grid.sizes[None])
 
 
-def test_average_bits_of_the_encoding_is_exact(table, grid):
+def test_average_bits_of_the_encoding_is_exact(space, grid):
     rng = np.random.default_rng(2)
     positions = rng.integers(0, grid.sizes, size=(20, grid.num_matrices))
     got = grid.average_bits(grid.encode(positions).unsqueeze(1))
     assert got.shape == (20, 1, 1)
-    expected = [config_bits(table, c) for c in grid.choices(positions)]
+    expected = [space.bits(c) for c in grid.choices(positions)]
     assert torch.allclose(got.flatten(), torch.tensor(expected, dtype=torch.float64))
 
 
@@ -155,8 +155,9 @@ class Recorder:
 def wide_acquisition():
     """qLogEHVI fitted on allocations of a 12-matrix table, and its grid and pool positions."""
     table = wide_table(12)
-    grid = OptionGrid.from_table(table)
-    pool = initial_training_set(table, [2.5, 3.0, 3.5, 4.0, 5.0, 6.0])
+    space = ConfigSpace.from_table(table)
+    grid = OptionGrid.from_space(space)
+    pool = initial_training_set(space, [2.5, 3.0, 3.5, 4.0, 5.0, 6.0])
     positions = grid.positions(pool)
     losses = torch.tensor(synthetic_loss(table)(pool), dtype=torch.float64)
     bits = grid.average_bits(grid.encode(positions).unsqueeze(1)).flatten()
@@ -220,6 +221,7 @@ def test_every_walker_gets_its_moves_whatever_the_number_of_matrices(num_matrice
 
 def test_a_round_scores_candidates_in_bounded_chunks(monkeypatch):
     table = wide_table(30)
+    space = ConfigSpace.from_table(table)
     recorded = []
 
     def recording_log_ehvi(*args, **kwargs):
@@ -227,9 +229,9 @@ def test_a_round_scores_candidates_in_bounded_chunks(monkeypatch):
         return recorded[-1]
 
     monkeypatch.setattr(search_module, "log_ehvi", recording_log_ehvi)
-    pool = initial_training_set(table, [2.5, 3.0, 4.0, 5.0, 6.0])
+    pool = initial_training_set(space, [2.5, 3.0, 4.0, 5.0, 6.0])
     search = ParetoGPSearch(
-        table, pool, num_proposals=3, moves_per_walker=3, candidates_per_move=10, acq_batch_size=8
+        space, pool, num_proposals=3, moves_per_walker=3, candidates_per_move=10, acq_batch_size=8
     )
     result = search.step(synthetic_loss(table))
     (acquisition,) = recorded
@@ -240,8 +242,8 @@ def test_a_round_scores_candidates_in_bounded_chunks(monkeypatch):
     assert walkers < result.acquisition_evaluations <= walkers * (1 + 3 * 10)
 
 
-def test_a_round_proposes_new_valid_configurations_and_filters_by_segment(table, grid, pool):
-    search = ParetoGPSearch(table, pool, num_proposals=3, max_acq_evals=200, seed=0)
+def test_a_round_proposes_new_valid_configurations_and_filters_by_segment(table, space, grid, pool):
+    search = ParetoGPSearch(space, pool, num_proposals=3, max_acq_evals=200, seed=0)
     result = search.step(synthetic_loss(table))
     proposals = result.configs[result.pool_size :]
     assert result.configs[: result.pool_size] == pool
@@ -250,7 +252,7 @@ def test_a_round_proposes_new_valid_configurations_and_filters_by_segment(table,
     assert grid.choices(grid.positions(proposals)) == proposals  # efficient options only
     assert result.acquisition_evaluations <= 200
     assert result.losses == synthetic_loss(table)(result.configs)
-    assert np.allclose(result.bits, [config_bits(table, c) for c in result.configs])
+    assert np.allclose(result.bits, [space.bits(c) for c in result.configs])
     kept = segmented_pareto_filter(np.array(result.bits), np.array(result.losses), 2.25, 6.5, 17)
     assert result.kept == kept.tolist()
     assert search.configs == [result.configs[i] for i in kept]
@@ -258,24 +260,24 @@ def test_a_round_proposes_new_valid_configurations_and_filters_by_segment(table,
     assert result.pool_hypervolume > 0
 
 
-def test_state_dict_round_trip_reproduces_the_next_round(table, pool):
+def test_state_dict_round_trip_reproduces_the_next_round(table, space, pool):
     score = synthetic_loss(table)
     settings = dict(num_proposals=3, moves_per_walker=4, candidates_per_move=3, max_acq_evals=200)
-    original = ParetoGPSearch(table, pool, **settings, seed=0)
+    original = ParetoGPSearch(space, pool, **settings, seed=0)
     original.step(score)
     buffer = io.BytesIO()
     torch.save(original.state_dict(), buffer)
     buffer.seek(0)
-    restored = ParetoGPSearch(table, pool[:1], **settings, seed=123)
+    restored = ParetoGPSearch(space, pool[:1], **settings, seed=123)
     restored.load_state_dict(torch.load(buffer, weights_only=True))
     assert restored.configs == original.configs
     a, b = original.step(score), restored.step(score)
     assert a.configs == b.configs and a.kept == b.kept and a.losses == b.losses
 
 
-def test_random_ablation_extends_by_num_proposals_reproducibly(table, grid, pool):
+def test_random_ablation_extends_by_num_proposals_reproducibly(table, space, grid, pool):
     rounds = [
-        RandomWalkSearch(table, pool, num_proposals=5, walk_steps=3, seed=7).step(
+        RandomWalkSearch(space, pool, num_proposals=5, walk_steps=3, seed=7).step(
             synthetic_loss(table)
         )
         for _ in range(2)
@@ -287,8 +289,8 @@ def test_random_ablation_extends_by_num_proposals_reproducibly(table, grid, pool
     assert rounds[0].acquisition_evaluations == 0
 
 
-def test_a_round_without_configurations_in_the_bit_range_is_an_error(table, pool):
-    search = ParetoGPSearch(table, pool, num_proposals=0, bits_low=7.0, bits_high=8.0)
+def test_a_round_without_configurations_in_the_bit_range_is_an_error(table, space, pool):
+    search = ParetoGPSearch(space, pool, num_proposals=0, bits_low=7.0, bits_high=8.0)
     with pytest.raises(ValueError, match=r"no configuration has average bits in \[7.0, 8.0\]"):
         search.step(synthetic_loss(table))
 

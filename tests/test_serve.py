@@ -10,10 +10,10 @@ import pytest
 import torch
 from peft import PeftModel
 
-from coalora.configs import config_id
 from coalora.data import TaskSpec, TextClassificationDataModule
 from coalora.evaluation import read_configurations, read_results
 from coalora.quant import QuantConfig, config_space, quantize
+from coalora.quant.space import config_id
 from coalora.serve import (
     Deployment,
     PackedLoRALinear,
@@ -187,7 +187,7 @@ def test_exports_are_all_or_nothing_and_verified(dep, tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("coalora.serve.export.model_card", fail)
+    monkeypatch.setattr("coalora.serve.export_format.model_card", fail)
     with pytest.raises(OSError, match="disk full"):
         dep.export(tmp_path / "half", bits=4.0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["altered", "e"]

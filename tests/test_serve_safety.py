@@ -16,10 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 from safetensors.torch import load_file, save_file
 from test_serve import CONF
 
-from coalora.quant import QuantConfig, average_bits
+from coalora.quant import QuantConfig
+from coalora.quant.space import ConfigSpace
 from coalora.quant.tensor import packed_nbytes
 from coalora.serve import Deployment, load_dequantized_base, load_export, verify_export
 
@@ -174,7 +176,10 @@ def change_bits(summary: dict, careful: bool) -> None:
         spec["bits_per_param"] = config.bits_per_param
         spec["nbytes"] = packed_nbytes(spec["shape"][0] * spec["shape"][1], config)
         numels = [m["shape"][0] * m["shape"][1] for m in matrices.values()]
-        summary["avg_bits"] = average_bits(numels, [m["bits_per_param"] for m in matrices.values()])
+        configs = [QuantConfig(**m["config"]) for m in matrices.values()]
+        summary["avg_bits"] = ConfigSpace(configs, numels).mean_bits(
+            [m["bits_per_param"] for m in matrices.values()]
+        )
         summary["packed_bytes"] = sum(m["nbytes"] for m in matrices.values())
 
 
@@ -427,7 +432,7 @@ def test_ctrl_c_is_one_line_with_status_130(run_dir, export_dir, tmp_path, monke
     # a real SIGINT while predict loads the model, in its own process
     tsv = write_tsv(tmp_path / "dev.tsv", [("a fine film", "1")])
     code = (
-        "import os, runpy, signal, sys; import coalora.serve.export as e; "
+        "import os, runpy, signal, sys; import coalora.serve.export_load as e; "
         "e.load_export = lambda folder: os.kill(os.getpid(), signal.SIGINT); "
         "sys.argv = ['predict', *sys.argv[1:]]; "
         "runpy.run_module('coalora.predict', run_name='__main__')"
@@ -446,7 +451,7 @@ def test_ctrl_c_is_one_line_with_status_130(run_dir, export_dir, tmp_path, monke
 
 def test_a_killed_export_leaves_nothing_the_next_export_keeps(run_dir, dep, tmp_path):  # noqa: F811
     code = (
-        "import os, signal, sys; import coalora.serve.export as e; "
+        "import os, signal, sys; import coalora.serve.export_format as e; "
         "from coalora.serve import Deployment; "
         "e.model_card = lambda summary: os.kill(os.getpid(), signal.SIGKILL); "
         "Deployment.from_run(sys.argv[1]).export(sys.argv[2], bits=4.0)"
@@ -510,4 +515,4 @@ def test_unclear_inputs_get_messages_that_name_them(
     with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = compose("train", overrides=["seed=-1"])
     with pytest.raises(ValueError, match=r"^seed=-1 must be an integer from 0 to 4294967295$"):
-        check_settings(cfg)
+        check_settings(cfg, instantiate(cfg.method.plan))

@@ -3,12 +3,8 @@ data modules."""
 
 from coalora.data.datamodule import TextClassificationDataModule, subsample
 from coalora.data.factory import Task, build_datamodule, build_metric, build_task
-from coalora.data.language import (
-    LanguageModelingDataModule,
-    LanguageModelingTask,
-    build_lm_metric,
-    load_corpus,
-)
+from coalora.data.language import LanguageModelingTask, build_lm_metric, load_corpus
+from coalora.data.lm_datamodule import LanguageModelingDataModule
 from coalora.data.sources import load_glue, load_sentiment, load_task
 from coalora.data.task import TaskSpec
 

@@ -9,7 +9,8 @@ import lightning as L
 import torchmetrics
 
 from coalora.data.datamodule import TextClassificationDataModule
-from coalora.data.language import LanguageModelingDataModule, LanguageModelingTask, build_lm_metric
+from coalora.data.language import LanguageModelingTask, build_lm_metric
+from coalora.data.lm_datamodule import LanguageModelingDataModule
 from coalora.data.task import TaskSpec, classification_metric
 
 Task = TaskSpec | LanguageModelingTask

@@ -8,9 +8,9 @@ import torch
 from torchmetrics import Metric
 from tqdm.auto import tqdm
 
-from coalora.configs import EvalConfig
 from coalora.evaluation.report import EvalRecord
 from coalora.model.backbone import QuantizedLoRAModel
+from coalora.selection import EvalConfig
 
 MetricInputs = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 """Logits and labels → the inputs of a task's metric (see ``TaskSpec.metric_inputs``)."""

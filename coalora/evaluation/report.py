@@ -19,9 +19,9 @@ from typing import Literal
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from coalora.configs import EvalConfig
 from coalora.io import atomic_write, atomic_write_text
 from coalora.pareto import normalized_hypervolume
+from coalora.selection import EvalConfig
 
 Split = Literal["seen", "unseen"]
 SPLITS: tuple[str, ...] = ("seen", "unseen")

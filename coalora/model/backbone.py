@@ -13,11 +13,8 @@ from coalora.model.config_net import ConfigAwareNetwork, layer_features
 from coalora.model.layers import UNQUANTIZED, QuantLoRALinear, Storage
 from coalora.model.targets import MODULE_TYPES, Target, find_targets, num_blocks
 from coalora.model.weight_cache import QuantizedWeightCache
-from coalora.quant import QuantConfig, average_bits, config_space, quantize
+from coalora.quant import Choice, ConfigSpace, QuantConfig, config_space, quantize
 from coalora.quant.config import Format
-
-Choice = tuple[int, ...]
-"""A model configuration: one option index (into ``config_space(fmt)``) per target matrix."""
 
 DEFAULT_CACHE_BYTES = 512 * 1024**2
 MASTER_STORAGES: tuple[Storage, ...] = ("dense", "int8")
@@ -83,7 +80,6 @@ class QuantizedLoRAModel(nn.Module):
                 "configuration comes from keep_only)"
             )
         self.model = model
-        self.options: list[QuantConfig] = config_space(fmt)
         self.targets: list[Target] = find_targets(model, module_types)
         check_rank(rank, model, self.targets)
         model.requires_grad_(False)
@@ -94,6 +90,9 @@ class QuantizedLoRAModel(nn.Module):
             setattr(model.get_submodule(parent_name), child, layer)  # frees the original weight
             layer.store(storage)
             layer.cache = self.cache
+        self.space = ConfigSpace(config_space(fmt), self.numels)
+        """The model's configurations (without error table: see ``ConfigSpace.from_table``)."""
+        self.options: list[QuantConfig] = self.space.options
         for name in head_modules:
             if hasattr(model, name):
                 getattr(model, name).requires_grad_(True)
@@ -127,20 +126,9 @@ class QuantizedLoRAModel(nn.Module):
     def numels(self) -> list[int]:
         return [layer.weight_shape.numel() for layer in self.layers]
 
-    def average_bits(self, choice: Sequence[int]) -> float:
-        """Numel-weighted average bits per weight of a configuration."""
-        return average_bits(self.numels, [self.options[j].bits_per_param for j in choice])
-
     def check_choice(self, choice: Sequence[int]) -> Choice:
-        choice = tuple(int(j) for j in choice)
-        if len(choice) != len(self.targets):
-            raise ValueError(
-                f"a configuration needs {len(self.targets)} option indices, got {len(choice)}"
-            )
-        bad = [j for j in choice if not 0 <= j < len(self.options)]
-        if bad:
-            raise ValueError(f"option indices {bad} are outside [0, {len(self.options)})")
-        return choice
+        """``choice`` as a tuple, checked against this model's configuration space."""
+        return self.space.check_choice(choice)
 
     def dequantized(self, index: int, option: int) -> torch.Tensor:
         """The dequantized weight of target ``index`` under ``option``."""
@@ -170,6 +158,15 @@ class QuantizedLoRAModel(nn.Module):
         self._features = self.features(choice)
         self.active = choice
 
+    def expect_configurations(self, choices: Sequence[Sequence[int]]) -> None:
+        """Tell the cache which configurations training samples from (uniformly): it keeps the
+        (matrix, option) pairs most of them share (see :class:`QuantizedWeightCache`)."""
+        self.cache.expect(
+            layer.cache_key(self.options[j])
+            for choice in choices
+            for layer, j in zip(self.layers, self.check_choice(choice), strict=True)
+        )
+
     def set_unquantized(self) -> None:
         """Compute with the dense master weights, unquantized, and plain LoRA (no U): the
         reference a quantized configuration is judged against."""
@@ -195,6 +192,16 @@ class QuantizedLoRAModel(nn.Module):
             return None
         device = self.config_net.mlp[-1].weight.device
         return self.config_net(self._features.to(device))
+
+    @torch.no_grad()
+    def folded_adapters(self, choice: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``(A, B (I + U))`` of every target layer for the configuration ``choice``: its
+        adapters as plain LoRA factors (detached)."""
+        u = None if self.config_net is None else self.config_net(self.features(choice))
+        return [
+            (layer.lora_A.detach(), layer.folded_lora_B(None if u is None else u[i]))
+            for i, layer in enumerate(self.layers)
+        ]
 
     def forward(self, **batch: torch.Tensor):
         adjustments = self.adjustments()
@@ -263,7 +270,7 @@ class QuantizedLoRAModel(nn.Module):
             raise ValueError(f"iterations must be >= 1, got {iterations}")
         choice = self.check_choice(choice)
         if iterations > 1 and any(layer.storage != "dense" for layer in self.layers):
-            raise ValueError("svd_iterations > 1 rewrites the master weights: use dense storage")
+            raise ValueError("init iterations > 1 rewrite the master weights: use dense storage")
         with torch.no_grad():
             for layer, option in zip(self.layers, choice, strict=True):
                 original = layer.master().clone()

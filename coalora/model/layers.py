@@ -143,8 +143,11 @@ class QuantLoRALinear(nn.Module):
             return self.stored
         if self.cache is None:
             return quantize(self.master(), config)
-        key = (id(self), config, str(self.lora_A.device))
-        return self.cache.get(key, lambda: quantize(self.master(), config))
+        return self.cache.get(self.cache_key(config), lambda: quantize(self.master(), config))
+
+    def cache_key(self, config: QuantConfig) -> tuple:
+        """This layer's key in :attr:`cache` for ``config`` (on the layer's current device)."""
+        return id(self), config, str(self.lora_A.device)
 
     def init_from_residual(self, residual: torch.Tensor) -> None:
         """LQ-LoRA initialisation: ``scale · B A`` = the best rank-r approximation of ``residual``.
@@ -170,6 +173,12 @@ class QuantLoRALinear(nn.Module):
         if self.adjustment is not None:
             h = h + F.linear(h, self.adjustment)  # h (I + U)ᵀ
         return out + (self.scale * F.linear(h, self.lora_B)).to(out.dtype)
+
+    def folded_lora_B(self, adjustment: torch.Tensor | None) -> torch.Tensor:
+        """``B (I + U)`` for the r×r ``adjustment`` U (``B`` itself for plain LoRA): the factor
+        that, with ``A``, gives this configuration's adapter as plain LoRA."""
+        b = self.lora_B.detach()
+        return b if adjustment is None else b + b @ adjustment
 
     def frozen_nbytes(self) -> int:
         """Bytes of the frozen weight as stored (dense master or packed tensors)."""

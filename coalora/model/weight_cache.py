@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Hashable, Iterable
 
 from coalora.quant import QuantizedTensor
 
 
 class QuantizedWeightCache:
-    """Least-recently-used cache of packed quantized weights with a byte limit.
+    """Cache of packed quantized weights with a byte limit, kept for the training set.
 
     A configuration switch quantizes a matrix under an option once while the pair stays
     cached; every forward and backward pass then only dequantizes it (into a transient buffer).
     The limit counts everything held: the packed codes and scales of every entry (no dense
-    copy is ever kept). Entries are evicted oldest-first when the total would exceed
-    ``max_bytes``; an entry larger than the whole limit is returned but not kept, and
+    copy is ever kept).
+
+    What stays is chosen by expected use: :meth:`expect` gives each key the number of
+    training configurations that use it, and an entry's priority is that count per byte, so
+    the pairs most configurations share stay (with uniform sampling from the set, the
+    expected quantizations per step are then close to the least any cache of this size
+    allows). When a new entry does not fit, entries of lower or equal priority are evicted,
+    least recently used first; if only higher-priority entries could make room, the new one is
+    returned but not kept. Keys no expectation names have priority 0: with no expectation set
+    the cache is least-recently-used. An entry larger than the whole limit is never kept, and
     ``max_bytes=0`` disables caching.
 
     Args:
@@ -30,9 +38,19 @@ class QuantizedWeightCache:
         self.hits = 0
         self.misses = 0
         self._entries: OrderedDict[Hashable, QuantizedTensor] = OrderedDict()
+        self._uses: Counter[Hashable] = Counter()
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def expect(self, keys: Iterable[Hashable]) -> None:
+        """Set the expected use: each key counts once per occurrence in ``keys`` (one per
+        training configuration that uses it); replaces the previous expectation."""
+        self._uses = Counter(keys)
+
+    def priority(self, key: Hashable, value: QuantizedTensor) -> float:
+        """Expected uses of ``key`` per byte of ``value``."""
+        return self._uses[key] / max(value.nbytes, 1)
 
     def get(self, key: Hashable, build: Callable[[], QuantizedTensor]) -> QuantizedTensor:
         """The cached tensor for ``key``, built with ``build()`` on a miss."""
@@ -42,14 +60,32 @@ class QuantizedWeightCache:
             return self._entries[key]
         self.misses += 1
         value = build()
-        size = value.nbytes
-        if size <= self.max_bytes:
-            while self.nbytes + size > self.max_bytes:
-                _, evicted = self._entries.popitem(last=False)
-                self.nbytes -= evicted.nbytes
+        victims = self._victims(self.priority(key, value), value.nbytes)
+        if victims is not None:
+            for victim in victims:
+                self.nbytes -= self._entries.pop(victim).nbytes
             self._entries[key] = value
-            self.nbytes += size
+            self.nbytes += value.nbytes
         return value
+
+    def _victims(self, priority: float, size: int) -> list[Hashable] | None:
+        """The entries to evict so that ``size`` more bytes fit, lowest priority and least
+        recently used first; None if that would evict an entry of higher priority."""
+        if size > self.max_bytes:
+            return None
+        free = self.max_bytes - self.nbytes
+        victims: list[Hashable] = []
+        if free >= size:
+            return victims
+        ranked = sorted(self._entries.items(), key=lambda kv: self.priority(*kv))  # stable: LRU
+        for key, value in ranked:
+            if self.priority(key, value) > priority:
+                return None
+            victims.append(key)
+            free += value.nbytes
+            if free >= size:
+                return victims
+        return None
 
     def clear(self) -> None:
         """Drop every entry (after the weights they were built from change or move)."""

@@ -1,20 +1,24 @@
 """Quantization: configurations, codebooks, packed quantized tensors, error tables, allocation."""
 
-from coalora.quant.allocation import achievable_range, allocate_budget, average_bits
+from coalora.quant.allocation import allocate_budget
 from coalora.quant.codebook import codebook, int_codebook, nf_codebook
 from coalora.quant.config import QuantConfig, config_space
-from coalora.quant.errors import ErrorTable, cached_error_table, diagonal_fisher, error_table
+from coalora.quant.error_tables import ErrorTable, cached_error_table, error_table
+from coalora.quant.fisher import diagonal_fisher
+from coalora.quant.space import Choice, ConfigSpace, config_id, config_set_id
 from coalora.quant.tensor import QuantizedTensor, quantize
 
 __all__ = [
+    "Choice",
+    "ConfigSpace",
     "ErrorTable",
     "QuantConfig",
     "QuantizedTensor",
-    "achievable_range",
     "allocate_budget",
-    "average_bits",
     "cached_error_table",
     "codebook",
+    "config_id",
+    "config_set_id",
     "config_space",
     "diagonal_fisher",
     "error_table",

@@ -26,20 +26,6 @@ PRUNE_TOLERANCE = 1e-9
 worse than a known solution; it only absorbs float rounding in the bounds."""
 
 
-def average_bits(numels: Sequence[int], bits: Sequence[float]) -> float:
-    """Numel-weighted mean of per-matrix bits per parameter."""
-    n = np.asarray(numels, dtype=np.float64)
-    return float(np.dot(n, np.asarray(bits, dtype=np.float64)) / n.sum())
-
-
-def achievable_range(numels: Sequence[int], options: Sequence[QuantConfig]) -> tuple[float, float]:
-    """The lowest and highest average bits any choice of ``options`` can reach."""
-    bpp = [o.bits_per_param for o in options]
-    return average_bits(numels, [min(bpp)] * len(numels)), average_bits(
-        numels, [max(bpp)] * len(numels)
-    )
-
-
 def efficient_options(errors: np.ndarray, bpp: np.ndarray) -> np.ndarray:
     """Mask of options not dominated (cheaper-or-equal and lower-or-equal error) by another.
 
@@ -104,7 +90,11 @@ def allocate_budget(
     unusable_rows = np.flatnonzero(np.isinf(table).all(axis=1)).tolist()
     if unusable_rows:
         raise ValueError(f"every option has error +inf (unusable) in rows {unusable_rows}")
-    low, high = achievable_range(numels, options)
+    bpp = [Fraction(o.bits_per_param) for o in options]  # dyadic, so exact
+    unit = math.lcm(*(b.denominator for b in bpp))  # storage is counted in 1/unit bits
+    cost = sizes.astype(np.int64)[:, None] * np.array([int(b * unit) for b in bpp])
+    total = int(sizes.sum())
+    low, high = (float(Fraction(int(c.sum()), total * unit)) for c in (cost.min(1), cost.max(1)))
     if not isinstance(budget, numbers.Real) or isinstance(budget, bool):
         raise TypeError(
             f"budget must be a number of bits per parameter in the achievable range "
@@ -116,10 +106,6 @@ def allocate_budget(
             "for these matrices and options"
         )
 
-    bpp = [Fraction(o.bits_per_param) for o in options]  # dyadic, so exact
-    unit = math.lcm(*(b.denominator for b in bpp))  # storage is counted in 1/unit bits
-    cost = sizes.astype(np.int64)[:, None] * np.array([int(b * unit) for b in bpp])
-    total = int(sizes.sum())
     capacity = math.floor((Fraction(float(budget)) + Fraction(BUDGET_TOLERANCE)) * total * unit)
     keep = efficient_options(table, np.array([float(b) for b in bpp]))
     candidates = []  # per matrix: its efficient options by rising storage (falling error)

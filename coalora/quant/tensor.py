@@ -107,6 +107,12 @@ def double_quantize(
     return DoubleQuantizedScales(codes.view(-1).to(torch.uint8), second, offset, dequantized)
 
 
+def block_absmax(blocks: torch.Tensor) -> torch.Tensor:
+    """Largest absolute value of each row of ``blocks`` (NaN where a row holds NaN): two
+    reductions, without the full-size temporary of ``blocks.abs()``."""
+    return torch.maximum(blocks.amax(dim=1), blocks.amin(dim=1).neg_())
+
+
 def normalize(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """Divide each block by its scale; an all-zero scale gives zeros instead of NaN."""
     safe = torch.where(scales > 0, scales, torch.ones_like(scales)).unsqueeze(1)
@@ -224,15 +230,14 @@ def quantize(w: torch.Tensor, config: QuantConfig) -> QuantizedTensor:
         raise ValueError(f"quantize needs a floating-point tensor, got dtype {w.dtype}")
     if w.numel() == 0:
         raise ValueError(f"quantize needs a non-empty tensor, got shape {tuple(w.shape)}")
-    if not torch.isfinite(w).all():
+    blocks = to_blocks(w, config.block_size)
+    absmax = block_absmax(blocks)
+    if not torch.isfinite(absmax).all():  # a NaN or infinite weight makes its block's so
         nan, inf = int(torch.isnan(w).sum()), int(torch.isinf(w).sum())
         raise ValueError(
             f"quantize got NaN or infinite weights ({nan} NaN and {inf} infinite of {w.numel()})"
         )
-    blocks = to_blocks(w, config.block_size)
-    scales = double_quantize(
-        blocks.abs().amax(dim=1), config.scale_bits, config.scale_dtype, config.scale_block_size
-    )
+    scales = double_quantize(absmax, config.scale_bits, config.scale_dtype, config.scale_block_size)
     if blocks.device.type == "cpu":
         codes = torch.empty(blocks.shape, dtype=torch.uint8, device=blocks.device)
         rows = CHUNK_WEIGHTS // config.block_size

@@ -12,9 +12,9 @@ from lightning.pytorch.loggers import WandbLogger
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from coalora.checkpoint_io import full_parameters
 from coalora.io import atomic_write, atomic_write_text
-from coalora.model.backbone import Choice
-from coalora.module import full_parameters
+from coalora.quant import Choice
 from coalora.search.search import ParetoGPSearch, SearchRound
 
 PLOT_DPI = 120

@@ -15,9 +15,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from coalora.model.backbone import Choice
-from coalora.quant import ErrorTable
 from coalora.quant.allocation import efficient_options
+from coalora.quant.space import Choice, ConfigSpace, mean_bits
 
 
 class OptionGrid:
@@ -54,16 +53,16 @@ class OptionGrid:
             # Highest efficient position whose bits do not exceed each option's bits.
             self.position_of[i] = np.searchsorted(bpp[options], bpp, side="right") - 1
         self.sizes = np.array([len(o) for o in self.efficient])
-        self.weights = np.asarray(numels, dtype=np.float64) / np.sum(numels)
+        self.numels = list(numels)
         # (matrices, max K) bits of each position, padded by repeating the last position.
         self.position_bits = np.stack(
             [bpp[o[np.minimum(np.arange(self.sizes.max()), len(o) - 1)]] for o in self.efficient]
         )
 
     @classmethod
-    def from_table(cls, table: ErrorTable) -> OptionGrid:
-        bpp = np.array([o.bits_per_param for o in table.options])
-        return cls(table.errors.numpy(), bpp, table.numels)
+    def from_space(cls, space: ConfigSpace) -> OptionGrid:
+        """The grid of a configuration space with an error table."""
+        return cls(space.errors, space.option_bits, space.numels)
 
     @property
     def num_matrices(self) -> int:
@@ -101,7 +100,7 @@ class OptionGrid:
         index = torch.round(x * (sizes - 1)).long()
         table = torch.as_tensor(self.position_bits, dtype=x.dtype, device=x.device)
         bits = table[torch.arange(self.num_matrices, device=x.device), index]
-        return bits @ torch.as_tensor(self.weights, dtype=x.dtype, device=x.device).unsqueeze(-1)
+        return mean_bits(bits, self.numels)
 
     def moves(self, position: np.ndarray) -> np.ndarray:
         """``(k, 2)`` rows (matrix, ±1): the single-matrix moves from ``position`` (``(d,)``)

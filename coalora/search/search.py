@@ -15,10 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from coalora.configs import config_bits
-from coalora.model.backbone import Choice
 from coalora.pareto import hypervolume_2d, non_dominated_mask, segmented_pareto_filter
-from coalora.quant import ErrorTable
+from coalora.quant import Choice, ConfigSpace
 from coalora.search.encoding import OptionGrid
 from coalora.search.gp import ACQ_BATCH_SIZE, guided_walk, log_ehvi, reference_point
 
@@ -98,7 +96,7 @@ class ParetoGPSearch:
     :meth:`state_dict`; the global torch RNG is left as it was.
 
     Args:
-        table: the error table defining the configurations and their bits.
+        space: the configuration space, with its error table.
         configs: the initial pool (the initial training set).
         num_proposals: new configurations per round, at most.
         moves_per_walker: most single-matrix moves of one walker per round (≥ 1).
@@ -118,7 +116,7 @@ class ParetoGPSearch:
 
     def __init__(
         self,
-        table: ErrorTable,
+        space: ConfigSpace,
         configs: Sequence[Sequence[int]],
         num_proposals: int = 16,
         moves_per_walker: int = 16,
@@ -152,8 +150,8 @@ class ParetoGPSearch:
                 f"need segments >= 1 and bits_low < bits_high, got {segments}, {bits_low}, "
                 f"{bits_high}"
             )
-        self.table = table
-        self.grid = OptionGrid.from_table(table)
+        self.space = space
+        self.grid = OptionGrid.from_space(space)
         self.num_proposals = num_proposals
         self.moves_per_walker = moves_per_walker
         self.candidates_per_move = candidates_per_move
@@ -171,7 +169,7 @@ class ParetoGPSearch:
         return [tuple(int(j) for j in c) for c in configs]
 
     def bits(self, configs: Sequence[Sequence[int]]) -> np.ndarray:
-        return np.array([config_bits(self.table, c) for c in configs])
+        return np.array([self.space.bits(c) for c in configs])
 
     def propose(self, bits: np.ndarray, losses: np.ndarray) -> tuple[list[Choice], int]:
         """New configurations (not in the pool) and the acquisition evaluations spent, given

@@ -8,8 +8,10 @@ Importable without Lightning or Hydra::
     dep.export("exports/sst2-3bit", bits=3.0)
 """
 
-from coalora.serve.deployment import Deployment, packed_nbytes
-from coalora.serve.export import load_dequantized_base, load_export, verify_export
+from coalora.quant.tensor import packed_nbytes
+from coalora.serve.deployment import Deployment
+from coalora.serve.export_load import load_dequantized_base, load_export
+from coalora.serve.export_verify import verify_export
 from coalora.serve.packed import PackedLoRALinear
 
 __all__ = [

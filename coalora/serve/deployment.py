@@ -1,4 +1,5 @@
-"""Serve any configuration of a trained run: allocate, quantize, fold θ, hand back a model."""
+"""Serve any configuration of a trained run: allocate, quantize, fold θ, hand back or export
+a model."""
 
 from __future__ import annotations
 
@@ -12,13 +13,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from coalora.configs import allocate, config_bits, config_id
-from coalora.evaluation.report import read_configurations
+from coalora.evaluation.report import read_configurations, read_results
 from coalora.io import read_json
-from coalora.model.backbone import Choice, QuantizedLoRAModel
-from coalora.model.hub import load_backbone, quiet_transformers
-from coalora.quant import ErrorTable, achievable_range, quantize
-from coalora.quant.tensor import OFFSET_BYTES, packed_nbytes
+from coalora.model.backbone import QuantizedLoRAModel
+from coalora.model.hub import load_backbone, load_tokenizer, quiet_transformers
+from coalora.quant import ErrorTable, quantize
+from coalora.quant.space import Choice, ConfigSpace, config_id
+from coalora.serve.export_format import (
+    adapter_tensors,
+    backbone_tensors,
+    export_description,
+    peft_adapter_config,
+    write_export,
+)
+from coalora.serve.export_target import prepare_export_target
 from coalora.serve.packed import PackedLoRALinear
 from coalora.serve.run_files import RUN_CONFIG_NAME, RunFiles, read_run
 
@@ -76,6 +84,8 @@ class Deployment:
             )
         self.model = model.eval()
         self.table = table
+        self.space = ConfigSpace.from_table(table)
+        """The run's configurations, with its error table to allocate from."""
         self.config = config
         self.run_dir = run_dir
 
@@ -123,19 +133,13 @@ class Deployment:
 
     def served_nbytes(self, choice: Sequence[int]) -> int:
         """Weight bytes of the model :meth:`at` returns for ``choice``."""
-        return self.fixed_nbytes + sum(
-            packed_nbytes(n, self.model.options[j])
-            for n, j in zip(self.table.numels, choice, strict=True)
-        )
+        return self.fixed_nbytes + self.space.nbytes(choice)
 
     def memory_range_mb(self) -> tuple[float, float]:
         """The smallest and largest served size (MB) any configuration reaches."""
-        sizes = [[packed_nbytes(n, o) for o in self.model.options] for n in self.table.numels]
+        low, high = self.space.bytes_range()
         fixed = self.fixed_nbytes
-        return (
-            (fixed + sum(map(min, sizes))) / BYTES_PER_MB,
-            (fixed + sum(map(max, sizes))) / BYTES_PER_MB,
-        )
+        return (fixed + low) / BYTES_PER_MB, (fixed + high) / BYTES_PER_MB
 
     def allocate_memory(self, memory_mb: float) -> Choice:
         """The minimum-error configuration whose served model fits in ``memory_mb``."""
@@ -145,21 +149,14 @@ class Deployment:
                 f"memory_mb={memory_mb:g} is outside the achievable range [{low:.3f}, {high:.3f}] "
                 f"MB for this model"
             )
-        limit = memory_mb * BYTES_PER_MB
-        numel = sum(self.table.numels)
-        offsets = OFFSET_BYTES * len(self.table.numels)
-        bits_low, _ = achievable_range(self.table.numels, self.table.options)
-        budget = (limit - self.fixed_nbytes - offsets) * 8 / numel
-        while True:  # padding can exceed the bits formula: lower the budget by the excess
-            choice = allocate(self.table, max(budget, bits_low))
-            excess = self.served_nbytes(choice) - limit
-            if excess <= 0:
-                return choice
-            if budget <= bits_low:
-                raise ValueError(
-                    f"memory_mb={memory_mb:g}: no configuration fits (smallest {low:.3f} MB)"
-                )
-            budget -= max(excess * 8 / numel, 1e-6)
+        try:
+            return self.space.allocate_bytes(memory_mb * BYTES_PER_MB - self.fixed_nbytes)
+        except ValueError as err:  # name the served megabytes, not the targets' bytes
+            if not str(err).startswith("no configuration fits"):
+                raise
+            raise ValueError(
+                f"memory_mb={memory_mb:g}: no configuration fits (smallest {low:.3f} MB)"
+            ) from None
 
     def choose(
         self,
@@ -172,10 +169,10 @@ class Deployment:
         them, or a ``config_id`` from the run's ``eval/configurations.json``)."""
         bits, memory_mb = check_request(bits, memory_mb, config)
         if bits is not None:
-            return allocate(self.table, bits)
+            return self.space.allocate(bits)
         if memory_mb is not None:
             return self.allocate_memory(memory_mb)
-        return self.model.check_choice(self.resolve_config(config))
+        return self.space.check_choice(self.resolve_config(config))
 
     def resolve_config(self, config: Sequence[int] | str | Path) -> Sequence[int]:
         if not isinstance(config, str | Path):
@@ -220,23 +217,11 @@ class Deployment:
     # -- building the served model --------------------------------------------------------
 
     @torch.no_grad()
-    def adapters(self, choice: Choice) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """``(A, B')`` per target with ``B' = B (I + U)`` for this configuration."""
-        layers = self.model.layers
-        if self.model.config_net is None:
-            return [(layer.lora_A.detach(), layer.lora_B.detach()) for layer in layers]
-        u = self.model.config_net(self.model.features(choice))
-        return [
-            (layer.lora_A.detach(), layer.lora_B.detach() + layer.lora_B.detach() @ u[i])
-            for i, layer in enumerate(layers)
-        ]
-
-    @torch.no_grad()
     def build(self, choice: Choice) -> nn.Module:
         """A transformers model (eval mode) with packed target matrices for ``choice``."""
         packed = {}
         for layer, option, (a, b) in zip(
-            self.model.layers, choice, self.adapters(choice), strict=True
+            self.model.layers, choice, self.model.folded_adapters(choice), strict=True
         ):
             weight = quantize(layer.master(), self.model.options[option])
             bias = None if layer.bias is None else layer.bias.detach().clone()
@@ -258,9 +243,32 @@ class Deployment:
         """Bits, bytes and id of a configuration."""
         return {
             "config_id": config_id(choice),
-            "avg_bits": config_bits(self.table, choice),
+            "avg_bits": self.space.bits(choice),
             "served_bytes": self.served_nbytes(choice),
         }
+
+    # -- exporting ------------------------------------------------------------------------
+
+    def head_modules(self) -> list[str]:
+        """Modules outside the adapters that training changed (the task head), by name."""
+        return sorted(
+            {
+                name.removeprefix("model.").rpartition(".")[0]
+                for name, p in self.model.named_parameters()
+                if p.requires_grad and name.startswith("model.") and ".lora_" not in name
+            }
+        )
+
+    def measured_metrics(self, choice: Choice) -> list[dict[str, Any]]:
+        """The run's evaluation rows for this configuration (empty when it was never scored)."""
+        cid = config_id(choice)
+        rows = []
+        for folder in self.eval_dirs():
+            if (folder / "results.csv").is_file():
+                rows += [
+                    r.__dict__ for r in read_results(folder / "results.csv") if r.config_id == cid
+                ]
+        return rows
 
     def export(
         self,
@@ -271,13 +279,47 @@ class Deployment:
         overwrite: bool = False,
     ) -> Path:
         """Write the model at a budget, memory limit or configuration to the folder ``out``
-        (see :func:`coalora.serve.export.write_export`)."""
-        from coalora.serve.export import write_export
+        (the format of :mod:`coalora.serve.export_format`).
 
+        ``out`` must not exist, or with ``overwrite`` be an earlier export; stale temporary
+        folders of killed exports beside it are removed first
+        (:func:`coalora.serve.export_target.prepare_export_target`)."""
         choice = self.choose(bits, memory_mb, config)
         request = {
             "bits": bits,
             "memory_mb": memory_mb,
             "config": None if config is None else str(config),
         }
-        return write_export(self, choice, Path(out), request, overwrite)
+        out = Path(out)
+        prepare_export_target(out, overwrite)
+        served = self.build(choice)
+        targets = [t.name for t in self.model.targets]
+        layers: dict[str, PackedLoRALinear] = {n: served.get_submodule(n) for n in targets}
+        architecture = type(served).__name__
+        lora = {f"{n}.{part}" for n in targets for part in ("lora_A", "lora_B")}
+        backbone, tied = backbone_tensors(served.state_dict(), lora)
+        heads = self.head_modules()
+        adapter = adapter_tensors(layers, {h: served.get_submodule(h).state_dict() for h in heads})
+        description = export_description(
+            architecture,
+            self.config,
+            request,
+            self.describe(choice),
+            sum(4 * n for n in self.table.numels) + self.fixed_nbytes,
+            tied,
+            self.measured_metrics(choice),
+            layers,
+            choice,
+        )
+        model_config = copy.deepcopy(served.config)
+        model_config.architectures = [architecture]  # the class load_export rebuilds
+        return write_export(
+            out,
+            backbone,
+            adapter,
+            peft_adapter_config(architecture, self.config, targets, heads),
+            description,
+            model_config,
+            load_tokenizer(self.config["model"]),
+            overwrite,
+        )

@@ -12,6 +12,7 @@ import torch
 from huggingface_hub import constants as hub_constants
 from transformers import AutoConfig
 
+from coalora.checkpoints import read_checkpoint
 from coalora.io import atomic_write, atomic_write_text, load_torch_file, read_json
 from coalora.quant import ErrorTable
 from coalora.serve.positions import check_max_length
@@ -202,16 +203,7 @@ def read_run(run_dir: str | Path) -> RunFiles:
             "support; train it again to serve it"
         )
     config, num_labels = read_run_config(run_dir)
-    state = load_torch_file(checkpoint, f"cannot read the checkpoint {checkpoint}")
-    if not (
-        isinstance(state, dict)
-        and isinstance(state.get("state_dict"), dict)
-        and isinstance(state.get("coalora"), dict)
-    ):
-        raise ValueError(
-            f"cannot read the checkpoint {checkpoint}: not a coalora checkpoint (it lacks "
-            "'state_dict' or 'coalora')"
-        )
+    state = read_checkpoint(checkpoint, f"cannot read the checkpoint {checkpoint}")
     table = read_error_table(run_dir / ERROR_TABLE_NAME)
     check_run_config(run_dir, config, state, table)
     check_model_positions(run_dir, config)
