@@ -300,7 +300,12 @@ def child_table(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     weights = model.frozen_weights()
     kwargs = sampled_table_kwargs(args.sample_fraction)
     exact_pt, _ = exact_table_paths(args)
-    result: dict[str, Any] = {"matrices": len(weights), "sampled": bool(kwargs)}
+    options = config_space("nf")
+    result: dict[str, Any] = {
+        "matrices": len(weights),
+        "options": len(options),
+        "sampled": bool(kwargs),
+    }
     if not kwargs and exact_pt.is_file():
         tqdm.write("error_table has no sample_fraction: using the cached exact table")
         table, result["seconds"] = ErrorTable.load(exact_pt), None
@@ -309,7 +314,7 @@ def child_table(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             tqdm.write("error_table has no sample_fraction: computing the exact table (long)")
         synchronize(device)
         start = time.perf_counter()
-        table = error_table(weights, config_space("nf"), **kwargs)
+        table = error_table(weights, options, **kwargs)
         synchronize(device)
         result["seconds"] = time.perf_counter() - start
         result["sample_fraction"] = kwargs.get("sample_fraction")
@@ -901,7 +906,8 @@ def section_lines(results: dict[str, Any]) -> list[str]:
     if table:
         how = f"sampled estimate ({table.get('sample_fraction')})" if table["sampled"] else "exact"
         took = "cached" if table["seconds"] is None else f"{table['seconds']:.1f} s"
-        lines.append(f"Error table ({table['matrices']} matrices x 432 options, {how}): {took}.")
+        size = f"{table['matrices']} matrices x {table.get('options', '?')} options"
+        lines.append(f"Error table ({size}, {how}): {took}.")
     if exact:
         lines.append(
             f"Exact table (computed once by `--exact-table`, {exact['threads']} threads): "

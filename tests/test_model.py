@@ -145,6 +145,19 @@ def test_model_expects_its_training_configurations(minilm_qmodel):
     assert uses[layer.cache_key(model.options[0])] == 2
     assert uses[layer.cache_key(model.options[1])] == 1
     assert sum(uses.values()) == 3 * len(model.targets)
+    # The cache starts filled with the expected pairs: the first switch quantizes nothing.
+    assert len(model.cache) == 2 * len(model.targets)
+    misses = model.cache.misses
+    model.set_configuration(choices[1])
+    model.layers[0].quantized(model.options[1])
+    assert model.cache.misses == misses
+
+
+def test_cache_warms_the_most_shared_pairs_that_fit():
+    cache = QuantizedWeightCache(max_bytes=10)
+    cache.expect(["a", "a", "b", "c", "c", "c"])
+    # c: 3 uses / 6 bytes, a: 2 / 2, b: 1 / 8; the greedy fill takes a, then c; b no longer fits.
+    assert cache.to_warm({"a": 2, "b": 8, "c": 6, "unexpected": 1}) == ["a", "c"]
 
 
 def test_switching_configurations_uses_the_cache(minilm_qmodel, batch):

@@ -15,6 +15,7 @@ from coalora.model.targets import MODULE_TYPES, Target, find_targets, num_blocks
 from coalora.model.weight_cache import QuantizedWeightCache
 from coalora.quant import Choice, ConfigSpace, QuantConfig, config_space, quantize
 from coalora.quant.config import Format
+from coalora.quant.tensor import packed_nbytes
 
 DEFAULT_CACHE_BYTES = 512 * 1024**2
 MASTER_STORAGES: tuple[Storage, ...] = ("dense", "int8")
@@ -159,13 +160,21 @@ class QuantizedLoRAModel(nn.Module):
         self.active = choice
 
     def expect_configurations(self, choices: Sequence[Sequence[int]]) -> None:
-        """Tell the cache which configurations training samples from (uniformly): it keeps the
-        (matrix, option) pairs most of them share (see :class:`QuantizedWeightCache`)."""
-        self.cache.expect(
-            layer.cache_key(self.options[j])
+        """Tell the cache which configurations training samples from (uniformly), and fill it
+        with the (matrix, option) pairs most of them share (see :class:`QuantizedWeightCache`).
+        Layers that keep one packed option need no cache."""
+        pairs = [
+            (layer, self.options[j])
             for choice in choices
             for layer, j in zip(self.layers, self.check_choice(choice), strict=True)
-        )
+            if layer.storage != "packed"
+        ]
+        self.cache.expect(layer.cache_key(option) for layer, option in pairs)
+        by_key = {layer.cache_key(option): (layer, option) for layer, option in pairs}
+        sizes = {k: packed_nbytes(lay.weight_shape.numel(), o) for k, (lay, o) in by_key.items()}
+        for key in self.cache.to_warm(sizes):
+            layer, option = by_key[key]
+            layer.quantized(option)
 
     def set_unquantized(self) -> None:
         """Compute with the dense master weights, unquantized, and plain LoRA (no U): the

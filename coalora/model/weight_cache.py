@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Mapping
 
 from coalora.quant import QuantizedTensor
 
@@ -47,6 +47,18 @@ class QuantizedWeightCache:
         """Set the expected use: each key counts once per occurrence in ``keys`` (one per
         training configuration that uses it); replaces the previous expectation."""
         self._uses = Counter(keys)
+
+    def to_warm(self, sizes: Mapping[Hashable, int]) -> list[Hashable]:
+        """Of the expected keys with their entries' ``sizes`` (bytes), those to build now
+        (with :meth:`get`) so that the cache starts where its priorities would take it only
+        after many misses: most expected uses per byte first, while they fit the free bytes."""
+        ranked = sorted(sizes, key=lambda k: -self._uses[k] / max(sizes[k], 1))
+        chosen, free = [], self.max_bytes - self.nbytes
+        for key in ranked:
+            if self._uses[key] and key not in self._entries and sizes[key] <= free:
+                chosen.append(key)
+                free -= sizes[key]
+        return chosen
 
     def priority(self, key: Hashable, value: QuantizedTensor) -> float:
         """Expected uses of ``key`` per byte of ``value``."""
