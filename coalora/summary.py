@@ -22,6 +22,7 @@ from coalora.evaluation.report import (
     EvalRecord,
     perplexity_score,
     plot_metric_vs_bits,
+    results_table,
     summarize,
     write_configurations,
     write_results,
@@ -166,17 +167,17 @@ def print_serving_hint(out_dir: Path, runs: list[TrainingRun]) -> None:
     )
 
 
-SPLIT_LEGEND = (
-    "unseen: each budget's allocation, never trained on · seen: the training configuration "
-    "nearest each budget"
-)
+SPLIT_LEGEND = {
+    "unseen": "unseen: each budget's allocation, never trained on · seen: the training "
+    "configuration nearest each budget",
+    "seen": "seen: each budget's own allocation, the configuration its fit trained on",
+}
+"""What the table's splits mean, by the split methods are compared on."""
 
 
 def console_summary(results: list[RunResult], summary: dict[str, Any], out_dir: Path) -> str:
     """The results table with what its columns mean, the reference it can be judged by, and
     the hypervolume line, as printed at the end of a run."""
-    from coalora.evaluation.report import results_table
-
     records = [r for result in results for r in result.records]
     metric = summary["metric"]
     reference = results[0].adapter_reference
@@ -189,9 +190,7 @@ def console_summary(results: list[RunResult], summary: dict[str, Any], out_dir: 
     return "\n".join(
         [
             results_table(records),
-            SPLIT_LEGEND
-            if any(r.split == "unseen" for r in records)
-            else "seen: each budget's own allocation, the configuration its fit trained on",
+            SPLIT_LEGEND[summary["compared_split"]],
             judged_by,
             f"hypervolume ({summary['compared_split']}) {summary['hv']:.4f} · "
             f"train {summary['train_seconds']:.0f} s · eval {summary['eval_seconds']:.0f} s · "
