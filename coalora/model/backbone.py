@@ -13,13 +13,12 @@ from coalora.model.config_net import ConfigAwareNetwork, layer_features
 from coalora.model.layers import UNQUANTIZED, QuantLoRALinear, Storage
 from coalora.model.targets import MODULE_TYPES, Target, find_targets, num_blocks
 from coalora.model.weight_cache import QuantizedWeightCache
-from coalora.quant import Choice, ConfigSpace, QuantConfig, config_space, quantize
-from coalora.quant.config import Format
-from coalora.quant.tensor import packed_nbytes
+from coalora.quant import Choice, ConfigSpace, Option, option_space, quantize
+from coalora.quant.options import packed_nbytes, usable_options
 
 DEFAULT_CACHE_BYTES = 512 * 1024**2
 MASTER_STORAGES: tuple[Storage, ...] = ("dense", "int8")
-LayerState = tuple[QuantConfig | str | None, torch.Tensor | None]
+LayerState = tuple[Option | str | None, torch.Tensor | None]
 
 
 def check_rank(rank: int, model: nn.Module, targets: Sequence[Target]) -> None:
@@ -46,7 +45,7 @@ class QuantizedLoRAModel(nn.Module):
 
     Args:
         model: a Hugging Face model (e.g. ``AutoModelForSequenceClassification``).
-        fmt: quantization format, ``"nf"`` or ``"int"``.
+        fmt: quantization format, ``"nf"``, ``"int"`` or ``"gguf"`` (llama.cpp types).
         rank: LoRA rank r.
         alpha: LoRA alpha (scale = alpha / r).
         dropout: LoRA dropout.
@@ -62,7 +61,7 @@ class QuantizedLoRAModel(nn.Module):
     def __init__(
         self,
         model: nn.Module,
-        fmt: Format = "nf",
+        fmt: str = "nf",
         rank: int = 16,
         alpha: float = 16.0,
         dropout: float = 0.0,
@@ -91,15 +90,22 @@ class QuantizedLoRAModel(nn.Module):
             setattr(model.get_submodule(parent_name), child, layer)  # frees the original weight
             layer.store(storage)
             layer.cache = self.cache
-        self.space = ConfigSpace(config_space(fmt), self.numels)
+        options = option_space(fmt)
+        shapes = [layer.weight_shape for layer in self.layers]
+        self.space = ConfigSpace(options, self.numels, usable=usable_options(options, shapes))
         """The model's configurations (without error table: see ``ConfigSpace.from_table``)."""
-        self.options: list[QuantConfig] = self.space.options
+        self.options: list[Option] = self.space.options
         for name in head_modules:
             if hasattr(model, name):
                 getattr(model, name).requires_grad_(True)
         self.config_net = (
             ConfigAwareNetwork(
-                rank, len(MODULE_TYPES), num_blocks(self.targets), embed_dim, hidden_dim
+                rank,
+                len(MODULE_TYPES),
+                num_blocks(self.targets),
+                embed_dim,
+                hidden_dim,
+                field_choices=type(options[0]).FIELD_CHOICES,
             )
             if config_aware
             else None

@@ -7,35 +7,25 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from coalora.quant.config import (
-    BITS,
-    BLOCK_SIZES,
-    SCALE_BITS,
-    SCALE_BLOCK_SIZES,
-    SCALE_DTYPES,
-    QuantConfig,
-)
+from coalora.quant import Option, QuantConfig
 
-FIELD_CHOICES: tuple[tuple, ...] = (BITS, SCALE_BITS, SCALE_DTYPES, BLOCK_SIZES, SCALE_BLOCK_SIZES)
-"""The five configuration fields in :class:`QuantConfig` order, each with its choices."""
+FIELD_CHOICES: tuple[tuple, ...] = QuantConfig.FIELD_CHOICES
+"""The five fields of a :class:`QuantConfig` (b0, b1, b2, B0, B1), each with its choices."""
 
 
-def field_indices(config: QuantConfig) -> list[int]:
-    """Positions of a configuration's five field values among their choices."""
-    values = (
-        config.bits,
-        config.scale_bits,
-        config.scale_dtype,
-        config.block_size,
-        config.scale_block_size,
-    )
-    return [choices.index(v) for choices, v in zip(FIELD_CHOICES, values, strict=True)]
+def field_indices(option: Option) -> list[int]:
+    """Positions of an option's five field values among their choices (``FIELD_CHOICES`` of
+    its kind: b0…B1 for ``nf``/``int``, a llama.cpp type's layout for ``gguf``)."""
+    pairs = zip(type(option).FIELD_CHOICES, option.field_values(), strict=True)
+    return [choices.index(v) for choices, v in pairs]
 
 
 class ConfigAwareNetwork(nn.Module):
     """Maps each layer's embedding Q_i to U_θ(Q_i) ∈ R^{r×r}; shared by all layers.
 
-    Q_i concatenates learned embeddings of the five quantization fields, the module type and
+    Q_i concatenates learned embeddings of the five fields of the layer's option (the
+    quantization settings of ``nf``/``int``; code bits, scale bits, sub-block and super-block
+    size and whether minimums are stored for a llama.cpp type), the module type and
     the block index. θ is LayerNorm → Linear → SiLU → Linear(r²); the last layer starts at
     zero so that U = 0 and the model begins as plain LoRA.
 
@@ -45,6 +35,7 @@ class ConfigAwareNetwork(nn.Module):
         num_blocks: size of the block-index table (the model's number of blocks).
         embed_dim: width of each embedding.
         hidden_dim: width of the hidden layer.
+        field_choices: the choices of each option field (``FIELD_CHOICES`` of the option kind).
     """
 
     def __init__(
@@ -54,15 +45,16 @@ class ConfigAwareNetwork(nn.Module):
         num_blocks: int,
         embed_dim: int = 16,
         hidden_dim: int = 256,
+        field_choices: tuple[tuple, ...] = FIELD_CHOICES,
     ) -> None:
         super().__init__()
         self.rank = rank
         self.field_embeddings = nn.ModuleList(
-            nn.Embedding(len(choices), embed_dim) for choices in FIELD_CHOICES
+            nn.Embedding(len(choices), embed_dim) for choices in field_choices
         )
         self.type_embedding = nn.Embedding(num_module_types, embed_dim)
         self.block_embedding = nn.Embedding(num_blocks, embed_dim)
-        width = embed_dim * (len(FIELD_CHOICES) + 2)
+        width = embed_dim * (len(field_choices) + 2)
         self.mlp = nn.Sequential(
             nn.LayerNorm(width),
             nn.Linear(width, hidden_dim),
@@ -84,7 +76,7 @@ class ConfigAwareNetwork(nn.Module):
 
 
 def layer_features(
-    configs: Sequence[QuantConfig], type_ids: Sequence[int], block_ids: Sequence[int]
+    configs: Sequence[Option], type_ids: Sequence[int], block_ids: Sequence[int]
 ) -> torch.Tensor:
     """The (layers, 7) input of :class:`ConfigAwareNetwork` for one model configuration."""
     rows = [[*field_indices(c), t, b] for c, t, b in zip(configs, type_ids, block_ids, strict=True)]

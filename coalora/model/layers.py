@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from coalora.model.weight_cache import QuantizedWeightCache
-from coalora.quant import QuantConfig, QuantizedTensor, quantize
-from coalora.quant.tensor import PACKED_FIELDS
+from coalora.quant import Option, PackedTensor, QuantConfig, quantize
+from coalora.quant.options import packed_tensor, tensor_fields
 
 Storage = Literal["dense", "int8", "packed"]
 """How a layer holds its frozen weight:
@@ -40,7 +40,7 @@ class QuantizedLinearFunction(torch.autograd.Function):
     are frozen: the only gradient is the input's."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: QuantizedTensor, bias: torch.Tensor | None):
+    def forward(ctx, x: torch.Tensor, weight: PackedTensor, bias: torch.Tensor | None):
         ctx.weight = weight
         return F.linear(x, weight.dequantize().to(x.dtype), bias)
 
@@ -88,24 +88,24 @@ class QuantLoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # peft's default LoRA init
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.storage: Storage = "dense"
-        self.stored_config: QuantConfig | None = None
-        self.config: QuantConfig | str | None = None
+        self.stored_config: Option | None = None
+        self.config: Option | str | None = None
         self.adjustment: torch.Tensor | None = None
         self.cache: QuantizedWeightCache | None = None
 
     @property
-    def stored(self) -> QuantizedTensor:
+    def stored(self) -> PackedTensor:
         """The packed tensor this layer stores (``int8`` and ``packed`` storage)."""
         if self.stored_config is None:
             raise RuntimeError("this layer stores its weight dense; it has no packed tensor")
-        return QuantizedTensor(
+        return packed_tensor(
             self.stored_config,
             self.weight_shape,
             self.weight_dtype,
-            *(getattr(self, name) for name in PACKED_FIELDS),
+            dict(self.named_buffers(recurse=False)),
         )
 
-    def store(self, storage: Storage, config: QuantConfig | None = None) -> None:
+    def store(self, storage: Storage, config: Option | None = None) -> None:
         """Replace the dense master by ``storage`` (``int8``, or ``packed`` with ``config``).
 
         The packed tensors are non-persistent buffers: checkpoints never hold frozen weights.
@@ -119,9 +119,8 @@ class QuantLoRALinear(nn.Module):
         if storage == "packed" and config is None:
             raise ValueError("packed storage needs the option to keep")
         config = INT8_MASTER if storage == "int8" else config
-        packed = quantize(self.weight, config)
-        for name in PACKED_FIELDS:
-            self.register_buffer(name, getattr(packed, name), persistent=False)
+        for name, tensor in tensor_fields(quantize(self.weight, config)).items():
+            self.register_buffer(name, tensor, persistent=False)
         self.weight = None
         self.storage, self.stored_config = storage, config
 
@@ -136,7 +135,7 @@ class QuantLoRALinear(nn.Module):
             "requantized under another option"
         )
 
-    def quantized(self, config: QuantConfig) -> QuantizedTensor:
+    def quantized(self, config: Option) -> PackedTensor:
         """The frozen weight quantized with ``config``: the stored tensor for ``packed``
         storage, else quantized from the master (through :attr:`cache` when set)."""
         if self.storage == "packed" and config == self.stored_config:
@@ -145,7 +144,7 @@ class QuantLoRALinear(nn.Module):
             return quantize(self.master(), config)
         return self.cache.get(self.cache_key(config), lambda: quantize(self.master(), config))
 
-    def cache_key(self, config: QuantConfig) -> tuple:
+    def cache_key(self, config: Option) -> tuple:
         """This layer's key in :attr:`cache` for ``config`` (on the layer's current device)."""
         return id(self), config, str(self.lora_A.device)
 

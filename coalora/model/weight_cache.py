@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Hashable, Iterable, Mapping
 
-from coalora.quant import QuantizedTensor
+from coalora.quant import PackedTensor
 
 
 class QuantizedWeightCache:
@@ -37,7 +37,7 @@ class QuantizedWeightCache:
         self.nbytes = 0
         self.hits = 0
         self.misses = 0
-        self._entries: OrderedDict[Hashable, QuantizedTensor] = OrderedDict()
+        self._entries: OrderedDict[Hashable, PackedTensor] = OrderedDict()
         self._uses: Counter[Hashable] = Counter()
 
     def __len__(self) -> int:
@@ -60,11 +60,11 @@ class QuantizedWeightCache:
                 free -= sizes[key]
         return chosen
 
-    def priority(self, key: Hashable, value: QuantizedTensor) -> float:
+    def priority(self, key: Hashable, value: PackedTensor) -> float:
         """Expected uses of ``key`` per byte of ``value``."""
         return self._uses[key] / max(value.nbytes, 1)
 
-    def get(self, key: Hashable, build: Callable[[], QuantizedTensor]) -> QuantizedTensor:
+    def get(self, key: Hashable, build: Callable[[], PackedTensor]) -> PackedTensor:
         """The cached tensor for ``key``, built with ``build()`` on a miss."""
         if key in self._entries:
             self.hits += 1

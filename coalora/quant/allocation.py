@@ -16,7 +16,7 @@ from fractions import Fraction
 
 import numpy as np
 
-from coalora.quant.config import QuantConfig
+from coalora.quant.options import Option
 
 BUDGET_TOLERANCE = 1e-9
 """Slack (bits) allowed when checking that a solution meets the budget."""
@@ -49,7 +49,7 @@ def allocate_budget(
     errors: np.ndarray | Sequence[Sequence[float]],
     numels: Sequence[int],
     budget: float,
-    options: Sequence[QuantConfig],
+    options: Sequence[Option],
 ) -> list[int]:
     """Choose one option per matrix minimising total error with average bits ≤ ``budget``.
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 Format = Literal["nf", "int"]
 ScaleDtype = Literal["bf16", "fp16", "fp32"]
@@ -50,6 +51,14 @@ class QuantConfig:
     block_size: int
     scale_block_size: int
     fmt: Format = "nf"
+    FIELD_CHOICES: ClassVar[tuple[tuple, ...]] = (
+        BITS,
+        SCALE_BITS,
+        SCALE_DTYPES,
+        BLOCK_SIZES,
+        SCALE_BLOCK_SIZES,
+    )
+    """The choices of the five fields of :meth:`field_values` (the network's input)."""
 
     def __post_init__(self) -> None:
         _check_choice("bits", self.bits, BITS)
@@ -67,6 +76,20 @@ class QuantConfig:
             + self.scale_bits / self.block_size
             + SCALE_DTYPE_WIDTH[self.scale_dtype] / (self.block_size * self.scale_block_size)
         )
+
+    def field_values(self) -> tuple:
+        """b0, b1, b2, B0 and B1, in :attr:`FIELD_CHOICES` order."""
+        return (
+            self.bits,
+            self.scale_bits,
+            self.scale_dtype,
+            self.block_size,
+            self.scale_block_size,
+        )
+
+    def fits(self, shape: Sequence[int]) -> bool:
+        """Any shape can be quantized (flattened and padded to whole blocks)."""
+        return True
 
     def to_dict(self) -> dict[str, int | str]:
         return asdict(self)

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from coalora.quant.config import Format, QuantConfig, config_space
 from coalora.quant.error_sampling import check_sample_fraction, matrix_seed
 from coalora.quant.errors import matrix_errors
+from coalora.quant.options import Option, option_from_dict, option_space
 
 # The logger the cache's warnings have always had (they were logged from coalora.quant.errors).
 log = logging.getLogger("coalora.quant.errors")
@@ -36,7 +36,7 @@ class ErrorTable:
 
     names: list[str]
     numels: list[int]
-    options: list[QuantConfig]
+    options: list[Option]
     errors: torch.Tensor
 
     def save(self, path: str | Path) -> None:
@@ -53,13 +53,13 @@ class ErrorTable:
     @classmethod
     def load(cls, path: str | Path) -> ErrorTable:
         state = torch.load(path, weights_only=True)
-        options = [QuantConfig(**o) for o in state["options"]]
+        options = [option_from_dict(o) for o in state["options"]]
         return cls(state["names"], state["numels"], options, state["errors"])
 
 
 def error_table(
     weights: Mapping[str, torch.Tensor],
-    options: Sequence[QuantConfig],
+    options: Sequence[Option],
     fisher: Mapping[str, torch.Tensor] | None = None,
     progress: bool = True,
     sample_fraction: float | None = None,
@@ -109,7 +109,7 @@ def fingerprint(tensors: Mapping[str, torch.Tensor]) -> str:
 
 def cached_error_table(
     weights: Mapping[str, torch.Tensor],
-    fmt: Format,
+    fmt: str,
     cache_dir: str | Path,
     model_key: str,
     fisher: Mapping[str, torch.Tensor] | None = None,
@@ -117,7 +117,7 @@ def cached_error_table(
     sample_fraction: float | None = None,
     seed: int = 0,
 ) -> ErrorTable:
-    """The error table over ``config_space(fmt)``, computed once and cached on disk.
+    """The error table over ``option_space(fmt)``, computed once and cached on disk.
 
     The cache file is keyed by ``model_key``, the format, whether Fisher weighting is used, the
     sampling settings (``sample_fraction`` and ``seed`` of :func:`error_table`; a fraction of
@@ -135,7 +135,7 @@ def cached_error_table(
     if sample_fraction is not None:
         tag += f"-sampled{float(sample_fraction)!r}-seed{seed}"
     path = Path(cache_dir) / f"{safe_key}-{fmt}-{tag}-{fingerprint(weights)}.pt"
-    options = config_space(fmt)
+    options = option_space(fmt)
     if path.exists():
         table = _load_cached(path, weights, options)
         if table is not None:
@@ -153,7 +153,7 @@ def cached_error_table(
 
 
 def _load_cached(
-    path: Path, weights: Mapping[str, torch.Tensor], options: list[QuantConfig]
+    path: Path, weights: Mapping[str, torch.Tensor], options: list[Option]
 ) -> ErrorTable | None:
     """The table cached at ``path``, or ``None`` after moving a damaged or mismatched file aside."""
     try:

@@ -20,12 +20,13 @@ from coalora.quant.error_sampling import (
     sample_chunks,
     sample_size,
 )
+from coalora.quant.ggml_tensor import GGMLConfig, quantize_to_ggml
 from coalora.quant.tensor import CHUNK_WEIGHTS, block_absmax, double_quantize, to_blocks
 
 
 def matrix_errors(
     w: torch.Tensor,
-    options: Sequence[QuantConfig],
+    options: Sequence[QuantConfig] | Sequence[GGMLConfig],
     fisher: torch.Tensor | None = None,
     sample_fraction: float | None = None,
     seed: int = 0,
@@ -41,7 +42,9 @@ def matrix_errors(
     float rounding. A CPU works through ``CHUNK_WEIGHTS`` weights at a time (temporaries that
     stay in its cache); other devices take the whole matrix in one pass. An option whose
     second-level scales overflow its ``scale_dtype`` (``quantize`` raises) gets ``+inf``: it is
-    unusable for this matrix.
+    unusable for this matrix. llama.cpp types (:class:`GGMLConfig`) are quantized and
+    dequantized one at a time, exactly; a type that cannot store ``w`` (rows not a multiple of
+    its block) gets ``+inf``.
 
     Args:
         w: the weight matrix (any shape; flattened and padded as :func:`quantize` does).
@@ -64,6 +67,16 @@ def matrix_errors(
     check_sample_fraction(sample_fraction)
     if not torch.isfinite(w).all():
         raise ValueError("matrix_errors got NaN or infinite weights")
+    kinds = {type(o) for o in options}
+    if GGMLConfig in kinds:
+        if kinds != {GGMLConfig}:
+            raise ValueError("matrix_errors got llama.cpp types mixed with other options")
+        if sample_fraction is not None:
+            raise ValueError(
+                f"sample_fraction={sample_fraction}: llama.cpp types have exact error tables "
+                "only; leave it unset (null)"
+            )
+        return _ggml_errors(w, options, fisher)
     flat = w.detach().reshape(-1).float()
     flat_fisher = None if fisher is None else fisher.detach().reshape(-1).float().to(flat.device)
     chunks = None
@@ -72,6 +85,21 @@ def matrix_errors(
         energy = chunk_energy(flat, flat_fisher)
         chunks = tuple(t.to(flat.device) for t in sample_chunks(energy, sample_fraction, seed))
     return _option_errors(flat, flat_fisher, options, chunks).cpu()
+
+
+def _ggml_errors(
+    w: torch.Tensor, options: Sequence[GGMLConfig], fisher: torch.Tensor | None
+) -> torch.Tensor:
+    """Exact errors (float64, on the CPU) of llama.cpp types; ``+inf`` where one does not fit."""
+    errors = torch.full((len(options),), math.inf, dtype=torch.float64)
+    dense = w.detach().float()
+    for j, option in enumerate(options):
+        if option.fits(w.shape):
+            diff = quantize_to_ggml(dense, option).dequantize().sub_(dense).square_()
+            if fisher is not None:
+                diff.mul_(fisher.to(diff.device))
+            errors[j] = diff.sum(dtype=torch.float64).cpu()
+    return errors
 
 
 def _block_absmax(flat: torch.Tensor, block_sizes: Sequence[int]) -> dict[int, torch.Tensor]:

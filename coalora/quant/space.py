@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from coalora.quant.allocation import allocate_budget
-from coalora.quant.config import QuantConfig
-from coalora.quant.tensor import OFFSET_BYTES, packed_nbytes
+from coalora.quant.options import Option, packed_nbytes
+from coalora.quant.tensor import OFFSET_BYTES
 
 if TYPE_CHECKING:
     from coalora.quant.error_tables import ErrorTable
@@ -56,29 +56,44 @@ class ConfigSpace:
         options: the quantization options, in index order.
         numels: weights of each target matrix, in target order.
         errors: ``(matrices, options)`` quantization errors (``ErrorTable.errors``), needed by
-            :meth:`allocate` and :meth:`allocate_bytes` only.
+            :meth:`allocate` and :meth:`allocate_bytes` only; ``+inf`` marks an unusable option.
+        usable: ``[matrix][option]`` whether the option can store the matrix (a llama.cpp type
+            needs rows of a multiple of its block); default: every option where ``errors`` is
+            finite, or every option.
     """
 
     def __init__(
         self,
-        options: Sequence[QuantConfig],
+        options: Sequence[Option],
         numels: Sequence[int],
         errors: np.ndarray | None = None,
+        usable: Sequence[Sequence[bool]] | np.ndarray | None = None,
     ) -> None:
         if not options or not numels:
             raise ValueError(
                 f"a configuration space needs options and matrices, got {len(options)} "
                 f"options and {len(numels)} matrices"
             )
-        self.options: list[QuantConfig] = list(options)
+        self.options: list[Option] = list(options)
         self.numels: list[int] = [int(n) for n in numels]
+        shape = (len(self.numels), len(self.options))
+        mask = np.ones(shape, dtype=bool) if usable is None else np.asarray(usable, dtype=bool)
+        if errors is not None:
+            mask = mask & np.isfinite(np.asarray(errors))
+        if mask.shape != shape:
+            raise ValueError(f"usable has shape {mask.shape}; expected (matrices, options) {shape}")
+        unusable = np.flatnonzero(~mask.any(axis=1)).tolist()
+        if unusable:
+            raise ValueError(f"matrices {unusable} have no usable option")
+        self.usable = mask
+        """``(matrices, options)`` bool: which options can store each matrix."""
         self.option_bits = np.array([o.bits_per_param for o in self.options], dtype=np.float64)
         """Bits per parameter of each option (``QuantConfig.bits_per_param``)."""
         self.errors = errors
 
     @classmethod
     def from_table(cls, table: ErrorTable) -> ConfigSpace:
-        return cls(table.options, table.numels, table.errors.numpy())
+        return cls(table.options, table.numels, table.errors.numpy())  # usable: finite errors
 
     def __len__(self) -> int:
         """The number of target matrices (entries of a configuration)."""
@@ -97,8 +112,10 @@ class ConfigSpace:
     @property
     def range(self) -> tuple[float, float]:
         """The lowest and highest average bits any configuration reaches."""
-        low, high = self.option_bits.min(), self.option_bits.max()
-        return self.mean_bits(np.full(len(self), low)), self.mean_bits(np.full(len(self), high))
+        bits = np.broadcast_to(self.option_bits, self.usable.shape)
+        low = np.where(self.usable, bits, np.inf).min(axis=1)
+        high = np.where(self.usable, bits, -np.inf).max(axis=1)
+        return self.mean_bits(low), self.mean_bits(high)
 
     def nbytes(self, choice: Sequence[int]) -> int:
         """Bytes of the packed target matrices under ``choice`` (``QuantizedTensor.nbytes``)."""
@@ -108,7 +125,10 @@ class ConfigSpace:
 
     def bytes_range(self) -> tuple[int, int]:
         """The fewest and most packed bytes of the target matrices any configuration takes."""
-        sizes = [[packed_nbytes(n, o) for o in self.options] for n in self.numels]
+        sizes = [
+            [packed_nbytes(n, o) for o, ok in zip(self.options, row, strict=True) if ok]
+            for n, row in zip(self.numels, self.usable, strict=True)
+        ]
         return sum(map(min, sizes)), sum(map(max, sizes))
 
     # -- checks -----------------------------------------------------------------------------
@@ -121,6 +141,13 @@ class ConfigSpace:
         bad = [j for j in choice if not 0 <= j < len(self.options)]
         if bad:
             raise ValueError(f"option indices {bad} are outside [0, {len(self.options)})")
+        unusable = [(i, j) for i, j in enumerate(choice) if not self.usable[i, j]]
+        if unusable:
+            i, j = unusable[0]
+            raise ValueError(
+                f"option {j} ({self.options[j]}) cannot store matrix {i} ({self.numels[i]} "
+                f"weights); {len(unusable)} matrices have an unusable option"
+            )
         return choice
 
     def check_budgets(self, name: str, budgets: object) -> list[float]:

@@ -8,7 +8,7 @@ Importable without Lightning or Hydra::
     dep.export("exports/sst2-3bit", bits=3.0)
 """
 
-from coalora.quant.tensor import packed_nbytes
+from coalora.quant.options import packed_nbytes
 from coalora.serve.deployment import Deployment
 from coalora.serve.export_load import load_dequantized_base, load_export
 from coalora.serve.export_verify import verify_export

@@ -270,6 +270,29 @@ class Deployment:
                 ]
         return rows
 
+    def export_parts(
+        self, choice: Choice, request: dict[str, Any]
+    ) -> tuple[nn.Module, dict[str, PackedLoRALinear], dict[str, Any]]:
+        """What every export of ``choice`` starts from: the served model, its packed target
+        layers by name and the ``quantization.json`` description."""
+        served = self.build(choice)
+        targets = [t.name for t in self.model.targets]
+        layers: dict[str, PackedLoRALinear] = {n: served.get_submodule(n) for n in targets}
+        lora = {f"{n}.{part}" for n in targets for part in ("lora_A", "lora_B")}
+        _, tied = backbone_tensors(served.state_dict(), lora)
+        description = export_description(
+            type(served).__name__,
+            self.config,
+            request,
+            self.describe(choice),
+            sum(4 * n for n in self.table.numels) + self.fixed_nbytes,
+            tied,
+            self.measured_metrics(choice),
+            layers,
+            choice,
+        )
+        return served, layers, description
+
     def export(
         self,
         out: str | Path,
@@ -285,32 +308,16 @@ class Deployment:
         folders of killed exports beside it are removed first
         (:func:`coalora.serve.export_target.prepare_export_target`)."""
         choice = self.choose(bits, memory_mb, config)
-        request = {
-            "bits": bits,
-            "memory_mb": memory_mb,
-            "config": None if config is None else str(config),
-        }
         out = Path(out)
         prepare_export_target(out, overwrite)
-        served = self.build(choice)
-        targets = [t.name for t in self.model.targets]
-        layers: dict[str, PackedLoRALinear] = {n: served.get_submodule(n) for n in targets}
-        architecture = type(served).__name__
+        request = export_request(bits, memory_mb, config)
+        served, layers, description = self.export_parts(choice, request)
+        targets = list(layers)
         lora = {f"{n}.{part}" for n in targets for part in ("lora_A", "lora_B")}
-        backbone, tied = backbone_tensors(served.state_dict(), lora)
+        backbone, _ = backbone_tensors(served.state_dict(), lora)
         heads = self.head_modules()
         adapter = adapter_tensors(layers, {h: served.get_submodule(h).state_dict() for h in heads})
-        description = export_description(
-            architecture,
-            self.config,
-            request,
-            self.describe(choice),
-            sum(4 * n for n in self.table.numels) + self.fixed_nbytes,
-            tied,
-            self.measured_metrics(choice),
-            layers,
-            choice,
-        )
+        architecture = description["architecture"]
         model_config = copy.deepcopy(served.config)
         model_config.architectures = [architecture]  # the class load_export rebuilds
         return write_export(
@@ -323,3 +330,10 @@ class Deployment:
             load_tokenizer(self.config["model"]),
             overwrite,
         )
+
+
+def export_request(
+    bits: float | None, memory_mb: float | None, config: Sequence[int] | str | Path | None
+) -> dict[str, Any]:
+    """The request an export records (``quantization.json``, model card)."""
+    return {"bits": bits, "memory_mb": memory_mb, "config": None if config is None else str(config)}

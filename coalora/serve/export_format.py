@@ -3,8 +3,9 @@
 Layout of an export folder:
 
 - ``quantized_model.safetensors``: every weight of the model except the adapters; each target
-  matrix as its packed ``<name>.codes``, ``.scale_codes``, ``.second_scales`` and ``.offset``;
-- ``quantization.json``: per target matrix its option, :class:`QuantConfig`, shape, dtype and
+  matrix as its packed ``<name>.codes``, ``.scale_codes``, ``.second_scales`` and ``.offset``
+  (``nf``, ``int``) or ``<name>.data``, its GGUF bytes (``gguf``);
+- ``quantization.json``: per target matrix its option, its settings, shape, dtype and
   bytes, plus the model-wide summary (format, average bits, budget, configuration id);
 - ``config.json`` and the tokenizer files (transformers' own format);
 - ``adapter_config.json`` + ``adapter_model.safetensors``: peft's LoRA format, θ's adjustment

@@ -20,7 +20,7 @@ from torch import nn
 from transformers import AutoConfig
 
 from coalora.io import read_json
-from coalora.quant import QuantConfig, QuantizedTensor
+from coalora.quant.options import option_from_dict, packed_layout, packed_tensor
 from coalora.serve.export_format import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_NAME,
@@ -29,7 +29,7 @@ from coalora.serve.export_format import (
     QUANTIZATION_NAME,
 )
 from coalora.serve.export_verify import verify_export
-from coalora.serve.packed import PACKED_FIELDS, PackedLoRALinear, packed_layout
+from coalora.serve.packed import PackedLoRALinear
 
 
 @contextlib.contextmanager
@@ -132,7 +132,7 @@ def _restore(folder: Path, packed: bool) -> nn.Module:
     backbone = _Tensors(folder, BACKBONE_NAME)
     adapter = _Tensors(folder, ADAPTER_NAME) if packed else None
     for name, spec in summary["matrices"].items():
-        config, (rows, cols) = QuantConfig(**spec["config"]), spec["shape"]
+        config, (rows, cols) = option_from_dict(spec["config"]), spec["shape"]
         try:
             target = model.get_submodule(name)
         except AttributeError:
@@ -143,13 +143,11 @@ def _restore(folder: Path, packed: bool) -> nn.Module:
                 f"matrix, which {summary['architecture']} has no linear layer of; export it again"
             )
         source = f"its configuration {config} for a {rows}×{cols} matrix in {QUANTIZATION_NAME}"
-        layout = packed_layout(rows * cols, config)
-        tensors = [
-            backbone.take(f"{name}.{field}", *layout[field], source) for field in PACKED_FIELDS
-        ]
-        weight = QuantizedTensor(
-            config, torch.Size((rows, cols)), getattr(torch, spec["dtype"]), *tensors
-        )
+        layout = packed_layout((rows, cols), config)
+        tensors = {
+            field: backbone.take(f"{name}.{field}", *layout[field], source) for field in layout
+        }
+        weight = packed_tensor(config, (rows, cols), getattr(torch, spec["dtype"]), tensors)
         bias = (
             None
             if target.bias is None

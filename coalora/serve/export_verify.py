@@ -9,9 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from coalora.io import read_json
-from coalora.quant import QuantConfig
+from coalora.quant.options import option_from_dict, packed_nbytes
 from coalora.quant.space import ConfigSpace, config_id
-from coalora.quant.tensor import packed_nbytes
 from coalora.serve.export_format import (
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -89,9 +88,10 @@ def verify_export(folder: str | Path) -> dict[str, Any]:
 
 def check_description(folder: Path, summary: Any) -> None:
     """Refuse a ``quantization.json`` that does not describe a consistent model: per matrix a
-    valid :class:`QuantConfig`, a 2-d shape, a weight dtype, and the bits per weight and byte
-    count its configuration gives; a configuration (``choice``) of the matrices' options with
-    its id; average bits and packed bytes that add up; the fields loading and prediction read.
+    valid option (``QuantConfig`` or ``GGMLConfig``), a 2-d shape, a weight dtype, and the bits
+    per weight and byte count its option gives; a configuration (``choice``) of the matrices'
+    options with its id; average bits and packed bytes that add up; the fields loading and
+    prediction read.
     """
     where = f"export {folder}: {QUANTIZATION_NAME}"
     try:
@@ -114,7 +114,7 @@ def _description_problems(s: Mapping[str, Any]) -> Iterator[str]:
         return
     numels, configs = [], []
     for name, spec in matrices.items():
-        config = QuantConfig(**spec["config"])
+        config = option_from_dict(spec["config"])
         shape = spec["shape"]
         if (
             not isinstance(shape, list)
