@@ -152,7 +152,12 @@ def gguf_llama(tmp_path_factory) -> Path:
     source = smollm2_gguf()
     torch.manual_seed(0)
     config = tiny_llama_config(
-        49152, hidden_size=256, intermediate_size=512, rms_norm_eps=1e-5, tie_word_embeddings=True
+        49152,
+        hidden_size=256,
+        intermediate_size=512,
+        rms_norm_eps=1e-5,
+        rope_theta=50000.0,
+        tie_word_embeddings=True,
     )
     model = LlamaForCausalLM(config)
     folder = tmp_path_factory.mktemp("gguf-llama")
@@ -172,6 +177,7 @@ def gguf_overrides(gguf_llama: Path, shared_data_dir: Path) -> list[str]:
         f"task.data_dir={shared_data_dir}",
         "quant=gguf",
         "debug=fast",
+        "data.max_length=32",
         "data.max_eval_samples=16",
         "eval.budgets=[3.0,5.0]",
         "search.initial_budgets.start=3.0",
@@ -218,6 +224,11 @@ def test_gguf_export_holds_the_allocated_types_at_the_budget(gguf_run, gguf_expo
     assert types["token_embd.weight"] == ("Q8_0", (49152, 256))
     assert types["blk.0.attn_norm.weight"] == ("F32", (256,)) and "output.weight" not in types
     reader = gguf.GGUFReader(gguf_export / MODEL_FILE)
+    fields = {name: f.contents() for name, f in reader.fields.items()}
+    assert fields["llama.rope.freq_base"] == 50000.0 and fields["llama.block_count"] == 2
+    assert (
+        fields["tokenizer.ggml.model"] == "gpt2" and len(fields["tokenizer.ggml.tokens"]) == 49152
+    )
     target = sum(int(t.n_bytes) for t in reader.tensors if t.tensor_type.name in TYPES[:7])
     assert target == summary["packed_bytes"]  # the budget's bytes, nothing else at that type
     others = 49152 * 256 // 32 * 34 + 4 * 256 * (2 * 2 + 1)  # Q8_0 embedding, F32 norms

@@ -79,6 +79,21 @@ def _row_order(name: str, permutations: Mapping[str, torch.Tensor]) -> torch.Ten
     return permutations.get(module.rsplit(".", 1)[-1])
 
 
+def rope_theta(config: Any) -> float:
+    """The rotary base of a transformers config (``rope_parameters`` in transformers 5, else
+    ``rope_theta``); rotary scaling, which the exported metadata does not describe, is refused."""
+    params = getattr(config, "rope_parameters", None) or {}
+    kind = params.get("rope_type", "default")
+    if kind != "default":
+        raise ValueError(
+            f"format=gguf supports unscaled rotary embeddings; this model's are {kind!r}"
+        )
+    theta = params.get("rope_theta", getattr(config, "rope_theta", None))
+    if theta is None:
+        raise ValueError("the model config gives no rotary base (rope_theta)")
+    return float(theta)
+
+
 def _architecture_metadata(writer: gguf.GGUFWriter, config: Any) -> None:
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -88,7 +103,7 @@ def _architecture_metadata(writer: gguf.GGUFWriter, config: Any) -> None:
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(heads)
     writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_rope_freq_base(float(getattr(config, "rope_theta", 10000.0)))
+    writer.add_rope_freq_base(rope_theta(config))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_vocab_size(config.vocab_size)
     writer.add_rope_dimension_count(head_dim)
@@ -120,6 +135,7 @@ def write_gguf_model(
     targets: Sequence[str],
     source: Path,
     other_type: str = OTHER_MATRIX_TYPE,
+    name: str = "coalora export",
 ) -> None:
     """The base model file at ``path``.
 
@@ -130,13 +146,14 @@ def write_gguf_model(
         targets: the target layers' names.
         source: the GGUF file whose tokenizer fields are copied.
         other_type: the type of the other matrices, a llama.cpp type name or ``"F32"``.
+        name: ``general.name``.
     """
     config = served.config
     names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
     permutations = _permutations(config)
     writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[arch])
     writer.add_type(gguf.GGUFType.MODEL)
-    writer.add_name(getattr(config, "name_or_path", "") or "coalora export")
+    writer.add_name(name)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _architecture_metadata(writer, config)
     _copy_tokenizer(writer, source)
@@ -228,7 +245,8 @@ def export_gguf(
     with atomic_directory(out, overwrite) as tmp:
         marker = tmp / PARTIAL_MARKER
         marker.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
-        write_gguf_model(tmp / MODEL_FILE, arch, served, list(layers), source)
+        name = f"{model_cfg['name']} ({description['avg_bits']:.2f} bits, coalora)"
+        write_gguf_model(tmp / MODEL_FILE, arch, served, list(layers), source, name=name)
         write_gguf_adapter(
             tmp / ADAPTER_FILE, arch, served.config, adapters, dep.config["method"]["alpha"]
         )
