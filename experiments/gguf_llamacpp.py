@@ -115,16 +115,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     llama_cpp = import_llama_cpp()  # before training: names the install target if missing
     run_dir = args.run_dir.resolve()
+    shown = str(run_dir.relative_to(ROOT) if run_dir.is_relative_to(ROOT) else run_dir)
     if not (run_dir / "summary.json").is_file():
         train_run(run_dir, args.overrides)
     args.out.mkdir(parents=True, exist_ok=True)
     results_path = args.out / "results.json"
     saved = json.loads(results_path.read_text()) if results_path.is_file() else {}
-    done = {r["bits"]: r for r in saved.get("rows", []) if saved.get("run_dir") == str(run_dir)}
+    done = {r["bits"]: r for r in saved.get("rows", []) if saved.get("run_dir") == shown}
     dep = Deployment.from_run(run_dir)
     setup = {
-        "command": "python experiments/gguf_llamacpp.py " + " ".join(sys.argv[1:]),
-        "run_dir": str(run_dir),
+        "command": " ".join(["python experiments/gguf_llamacpp.py", *sys.argv[1:]]),
+        "run_dir": shown,
         "overrides": args.overrides,
         "llama_cpp": llama_cpp.__version__,
         "threads": args.threads,
