@@ -432,8 +432,8 @@ def test_ctrl_c_is_one_line_with_status_130(run_dir, export_dir, tmp_path, monke
     # a real SIGINT while predict loads the model, in its own process
     tsv = write_tsv(tmp_path / "dev.tsv", [("a fine film", "1")])
     code = (
-        "import os, runpy, signal, sys; import coalora.serve.export_load as e; "
-        "e.load_export = lambda folder: os.kill(os.getpid(), signal.SIGINT); "
+        "import runpy, signal, sys; import coalora.serve.export_load as e; "
+        "e.load_export = lambda folder: signal.raise_signal(signal.SIGINT); "
         "sys.argv = ['predict', *sys.argv[1:]]; "
         "runpy.run_module('coalora.predict', run_name='__main__')"
     )
