@@ -433,6 +433,8 @@ def test_ctrl_c_is_one_line_with_status_130(run_dir, export_dir, tmp_path, monke
     tsv = write_tsv(tmp_path / "dev.tsv", [("a fine film", "1")])
     code = (
         "import runpy, signal, sys; import coalora.serve.export_load as e; "
+        # Python keeps SIGINT ignored if its parent ignored it; Ctrl+C reaches a shell's child.
+        "signal.signal(signal.SIGINT, signal.default_int_handler); "
         "e.load_export = lambda folder: signal.raise_signal(signal.SIGINT); "
         "sys.argv = ['predict', *sys.argv[1:]]; "
         "runpy.run_module('coalora.predict', run_name='__main__')"
