@@ -213,18 +213,27 @@ def _written(tmp: Path) -> list[Path]:
     return sorted(p for p in tmp.iterdir() if p.name != PARTIAL_MARKER)
 
 
-def model_card(s: dict[str, Any]) -> str:
-    """README.md of an export: what it is, its budget, sizes, and measured metric if known."""
-    mb = 1e6
-    measured = (
+def measured_lines(s: Mapping[str, Any], whose: str = "") -> str:
+    """The model card's lines of the run's measured metrics of this configuration."""
+    return (
         "\n".join(
-            f"- {r['metric']} {r['value']:.4f} ({r['split']} configuration, budget "
+            f"- {r['metric']} {r['value']:.4f} ({whose}{r['split']} configuration, budget "
             f"{r['target_budget']:g}, {r['num_samples']} test examples)"
             for r in s["measured"]
         )
         or "- not measured: this configuration was not among the run's evaluated ones"
     )
-    request = ", ".join(f"{k}={v}" for k, v in s["request"].items() if v is not None)
+
+
+def request_text(s: Mapping[str, Any]) -> str:
+    """The export request as ``key=value`` pairs."""
+    return ", ".join(f"{k}={v}" for k, v in s["request"].items() if v is not None)
+
+
+def model_card(s: dict[str, Any]) -> str:
+    """README.md of an export: what it is, its budget, sizes, and measured metric if known."""
+    mb = 1e6
+    measured, request = measured_lines(s), request_text(s)
     return f"""# {s["model_name"]} · {s["task"]} · {s["avg_bits"]:.3f} bits ({s["fmt"]})
 
 Quantized {s["architecture"]} with a LoRA adapter, exported by coalora from a

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,7 +26,14 @@ from torch import nn
 
 from coalora.io import atomic_directory, atomic_write_text
 from coalora.quant.ggml_quants import quantize_ggml
-from coalora.serve.export_format import MANIFEST_NAME, PARTIAL_MARKER, QUANTIZATION_NAME, sha256
+from coalora.serve.export_format import (
+    MANIFEST_NAME,
+    PARTIAL_MARKER,
+    QUANTIZATION_NAME,
+    measured_lines,
+    request_text,
+    sha256,
+)
 from coalora.serve.export_target import prepare_export_target
 
 if TYPE_CHECKING:
@@ -264,18 +272,8 @@ def export_gguf(
 
 def gguf_model_card(s: Mapping[str, Any]) -> str:
     """README.md of a GGUF export: budget, bytes per file, measured metric, llama.cpp commands."""
-    types: dict[str, int] = {}
-    for spec in s["matrices"].values():
-        types[spec["config"]["type_name"]] = types.get(spec["config"]["type_name"], 0) + 1
-    measured = (
-        "\n".join(
-            f"- {r['metric']} {r['value']:.4f} (coalora's evaluation of this configuration, "
-            f"{r['split']}, budget {r['target_budget']:g}, {r['num_samples']} test examples)"
-            for r in s["measured"]
-        )
-        or "- not measured: this configuration was not among the run's evaluated ones"
-    )
-    request = ", ".join(f"{k}={v}" for k, v in s["request"].items() if v is not None)
+    types = Counter(spec["config"]["type_name"] for spec in s["matrices"].values())
+    measured, request = measured_lines(s, "coalora's evaluation, "), request_text(s)
     by_type = ", ".join(f"{t} × {n}" for t, n in sorted(types.items()))
     size = {name: f"{n:,} ({n / 1e6:.2f} MB)" for name, n in s["file_bytes"].items()}
     return f"""# {s["model_name"]} · {s["task"]} · {s["avg_bits"]:.3f} bits (llama.cpp types)
