@@ -83,12 +83,13 @@ def load_error_table(cfg: DictConfig, datamodule: L.LightningDataModule) -> Erro
 def make_trainer(
     cfg: DictConfig, space: ConfigSpace, run: TrainingRun
 ) -> tuple[L.Trainer, list[Logger]]:
-    """The trainer with the configured loggers and callbacks (the search callback first).
+    """The trainer with the configured loggers and callbacks (the search callback first); a
+    callback set to null (``callbacks.early_stopping=null``) is left out.
 
     A per-budget run's W&B run is named after the method's with the run's name appended
     (``...-budget_3.0``); the runs of one method share the configured ``group``."""
     loggers = [instantiate(c, **wandb_run_name(c, run)) for c in (cfg.get("logger") or {}).values()]
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     if cfg.search.get("callback"):
         search = instantiate(cfg.search.strategy, _partial_=True)(space, run.train_configs)
         callbacks.insert(0, instantiate(cfg.search.callback, _partial_=True)(search))
@@ -173,6 +174,7 @@ def fit_and_evaluate(exp: Experiment, run: TrainingRun) -> RunResult:
             raise TrainingInterrupted(interruption_message(trainer, run)) from None
         raise
     train_seconds = time.perf_counter() - start
+    best_epoch = restore_best_epoch(trainer, module)
     device = trainer.strategy.root_device
     model.to(device)  # Lightning moves the model back to the CPU when fit ends
     with full_parameters(trainer):
@@ -183,9 +185,19 @@ def fit_and_evaluate(exp: Experiment, run: TrainingRun) -> RunResult:
         configs = exp.plan.eval_configs(
             exp.space, run, cfg.eval.budgets, module.epoch_configs, module.trained_configs
         )
-        records = evaluate_configurations(
+        records, examples = evaluate_configurations(
             model,
             datamodule.test_dataloader(),
+            build_metric(task),
+            configs,
+            cfg.method.name,
+            task.metric,
+            task.metric_inputs,
+            example_stats=task.example_stats,
+        )
+        validation, _ = evaluate_configurations(
+            model,
+            datamodule.val_dataloader(),
             build_metric(task),
             configs,
             cfg.method.name,
@@ -208,7 +220,25 @@ def fit_and_evaluate(exp: Experiment, run: TrainingRun) -> RunResult:
         str(next(model.parameters()).device),
         frozen_mib,
         adapter_reference,
+        examples,
+        validation,
+        best_epoch,
     )
+
+
+def restore_best_epoch(trainer: L.Trainer, module: CoALoRAModule) -> int | None:
+    """Load the epoch whose validation metric was best (the checkpoint callback's
+    ``monitor``) into ``module`` before evaluation: its trainable weights and the training
+    configurations it had. Returns that epoch (counting from 0), or None when no checkpoint
+    monitors a metric (the last epoch is evaluated)."""
+    callback = trainer.checkpoint_callback
+    best = Path(getattr(callback, "best_model_path", "") or "")
+    if callback is None or callback.monitor is None or not best.is_file():
+        return None
+    checkpoint = torch.load(best, map_location="cpu", weights_only=True)
+    module.load_state_dict(checkpoint["state_dict"], strict=False)
+    module.on_load_checkpoint(checkpoint)
+    return int(checkpoint["epoch"])
 
 
 @torch.no_grad()

@@ -22,7 +22,7 @@ from rich.console import Console
 
 from coalora.checkpoints import check_identity, run_identity
 from coalora.cli import quiet_console_off_rank_zero, quiet_libraries, reported_errors
-from coalora.data import build_task
+from coalora.data import build_task, metric_mode
 from coalora.memory import PeakMemory
 from coalora.model.hub import check_model_for_task, package_path
 from coalora.pipeline import Experiment, fit_all, load_error_table
@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 OmegaConf.register_new_resolver("package_path", package_path, replace=True)
 # `${pid:}`: this process's id, in run folder names (conf/hydra/default.yaml).
 OmegaConf.register_new_resolver("pid", os.getpid, replace=True)
+# `${metric_mode:${task.metric}}`: whether a metric improves upward (max) or downward (min).
+OmegaConf.register_new_resolver("metric_mode", metric_mode, replace=True)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:

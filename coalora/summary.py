@@ -3,14 +3,15 @@ the unquantized reference, and the serving hint on the console."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import lightning as L
+import numpy as np
 import torch
 from omegaconf import DictConfig
 from rich.console import Console
@@ -27,9 +28,11 @@ from coalora.evaluation.report import (
     write_configurations,
     write_results,
 )
-from coalora.io import atomic_write_text
+from coalora.io import atomic_write, atomic_write_text
 from coalora.model.hub import load_backbone
 from coalora.selection import EvalConfig
+
+EXAMPLES_NAME = "examples.npz"
 
 if TYPE_CHECKING:
     from coalora.methods import TrainingRun
@@ -52,9 +55,15 @@ class RunResult:
     adapter_reference: float | None = None
     """The test metric of the trained adapter on the unquantized backbone (plain LoRA, no
     adjustment by θ); None for a fit that keeps only one configuration's packed weights."""
+    examples: list[np.ndarray | None] = dataclasses.field(default_factory=list)
+    """Per record, its per-example test statistics (``Task.example_stats``)."""
+    validation: list[EvalRecord] = dataclasses.field(default_factory=list)
+    """The same configurations scored on the validation split (carved from training data)."""
+    best_epoch: int | None = None
+    """The epoch evaluated when the best validation epoch was restored (None: the last)."""
 
 
-def hv_score(task: Task, datamodule: L.LightningDataModule) -> Callable[[float], float] | None:
+def hv_score(task: Task, datamodule: L.LightningDataModule) -> functools.partial | None:
     """What the hypervolume measures of a metric value: the value itself (accuracy, F1, ...), or
     for perplexity ``s = 1 − ln(ppl) / ln(V)`` (V the vocabulary size; a uniform model scores
     0, a perfect one 1)."""
@@ -85,7 +94,7 @@ def write_reports(
     results: list[RunResult],
     out_dir: Path,
     reference: dict[str, float] | None = None,
-    score: Callable[[float], float] | None = None,
+    score: functools.partial | None = None,
     memory: dict[str, float | None] | None = None,
     reference_device: str | None = None,
     split: str = "unseen",
@@ -112,11 +121,14 @@ def write_reports(
         title=f"{task.name} · {cfg.model.name}",
         reference=reference,
     )
+    write_examples(results, eval_dir / EXAMPLES_NAME)
     summaries = {
         s: summarize(records, s, score)[cfg.method.name]
         for s in SPLITS
         if any(r.split == s for r in records)
     }
+    validation = [r for result in results for r in result.validation]
+    on_validation = summarize(validation, split, score)[cfg.method.name] if validation else {}
     summary = {
         "method": cfg.method.name,
         "task": task.name,
@@ -126,11 +138,13 @@ def write_reports(
         "hv": summaries[split]["hv"],
         "metric": task.metric,
         "hv_of": "1 - ln(perplexity) / ln(vocab_size)" if score else task.metric,
+        "vocab_size": score.keywords["vocab_size"] if score else None,
         "values": summaries[split]["values"],
         "reference": reference or {},
         "reference_device": reference_device,
         "adapter_on_unquantized": results[0].adapter_reference,
         "hypervolume": {s: v["hv"] for s, v in summaries.items()},
+        "validation": on_validation,
         "device": results[0].device,
         "train_seconds": sum(r.train_seconds for r in results),
         "eval_seconds": sum(r.eval_seconds for r in results),
@@ -144,6 +158,7 @@ def write_reports(
                 "configurations_trained_on": r.configurations_trained_on,
                 "device": r.device,
                 "frozen_target_mib": r.frozen_mib,
+                "best_epoch": r.best_epoch,
             }
             for r in results
         ],
@@ -153,6 +168,29 @@ def write_reports(
     }
     atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
     return summary
+
+
+def example_key(record: EvalRecord) -> str:
+    """The name of a record's per-example statistics in ``eval/examples.npz``."""
+    return f"{record.split}/{record.target_budget:g}"
+
+
+def write_examples(results: list[RunResult], path: Path) -> None:
+    """``eval/examples.npz``: per scored configuration (``<split>/<budget>``), the ``(examples,
+    2)`` statistics its test metric is computed from, for bootstrap intervals
+    (:mod:`coalora.evaluation.resampling`)."""
+    arrays = {
+        example_key(record): rows
+        for result in results
+        for record, rows in zip(result.records, result.examples, strict=True)
+        if rows is not None
+    }
+
+    def save(tmp: Path) -> None:
+        with tmp.open("wb") as handle:  # a file object: numpy would append .npz to a name
+            np.savez_compressed(handle, **arrays)
+
+    atomic_write(path, save)
 
 
 def print_serving_hint(out_dir: Path, runs: list[TrainingRun]) -> None:

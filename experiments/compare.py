@@ -1,83 +1,157 @@
 """The side-by-side comparison of QLoRA, LQ-LoRA, Shared-LoRA and CoA-LoRA (DESIGN §7-8).
 
-Trains every method on the same backbone, task, data, epochs and seed(s) with one Hydra
-multirun, then writes ``<out>/report.md``, ``<out>/summary.json``, ``<out>/metric_vs_bits.png``
-and ``<out>/time_vs_budgets.png``. Every argument that is not an option is a Hydra override:
+Every method gets the same learning-rate grid: each grid point trains with the first seed,
+and the method keeps the point with the best hypervolume on the validation split (carved
+from the training data, never the test split); the other seeds then train at that point.
+Training stops when the validation metric stops improving (the early-stopping callback;
+``trainer.max_epochs`` caps it) and the best validation epoch is evaluated. Then writes
+``<out>/report.md``, ``<out>/summary.json`` and plots: the test metric per budget with 95 %
+bootstrap intervals over test examples and seeds, the paired difference CoA-LoRA − other,
+hypervolumes with their spread over seeds, the grid's validation scores and curves.
 
     python experiments/compare.py experiment=compare_minilm task=sst2 quant=nf
-    python experiments/compare.py experiment=compare_minilm task=sst2 seed=0,1   # two seeds
-    python experiments/compare.py --collect multirun/compare-sst2-minilm-nf       # report only
-    python experiments/compare.py --collect <seed-0 sweep> <seed-1 sweep>        # seeds pooled
+    python experiments/compare.py --lrs 5e-4 --seeds 0 experiment=compare_minilm task=rte
+    python experiments/compare.py --collect multirun/compare-sst2-nf     # report only
 
-The default output folder is ``experiments/results/<task>-<model>-<quant>``.
+Each job (method, learning rate, seed) runs ``coalora.run`` in its own folder
+``<sweep>/<method>/lr_<lr>/seed_<seed>``; a job whose ``summary.json`` exists is collected,
+not rerun, so an interrupted sweep resumes where it stopped. ``--jobs 2`` runs two jobs side
+by side. Every argument that is not an option is a Hydra override of every job. The default
+output folder is ``experiments/results/<task>-<model>-<quant>``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import statistics
 import subprocess
 import sys
-from collections import Counter, defaultdict
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from compare_stats import LEVEL, RESAMPLES, comparison_stats
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from omegaconf import OmegaConf
 
+from coalora.data import LOWER_IS_BETTER
+
 METHODS = ("qlora", "lqlora", "shared", "coalora")
 LABELS = {"qlora": "QLoRA", "lqlora": "LQ-LoRA", "shared": "Shared-LoRA", "coalora": "CoA-LoRA"}
 SCORED_ON = {"seen": "own allocation", "unseen": "unseen configurations"}
-LOWER_IS_BETTER = {"perplexity"}
+PER_BUDGET = ("qlora", "lqlora")
+LOW_BUDGETS = (2.5, 3.0, 3.5)
+"""The budgets where CoA-LoRA is expected to beat Shared-LoRA with a paired interval above 0."""
 RESULTS = Path(__file__).resolve().parent / "results"
+DEFAULT_LRS = (2e-4, 5e-4, 1e-3)
+DEFAULT_SEEDS = (0, 1, 2)
 
 
-def run_sweep(overrides: list[str], sweep_dir: Path) -> None:
-    """Train and evaluate every method: one ``coalora.run`` multirun job per method and seed."""
+def job_dir(sweep_dir: Path, method: str, lr: float, seed: int) -> Path:
+    return sweep_dir / method / f"lr_{lr:g}" / f"seed_{seed}"
+
+
+def run_job(overrides: list[str], folder: Path, method: str, lr: float, seed: int) -> Path:
+    """Train and evaluate one (method, learning rate, seed) job in ``folder``, unless its
+    ``summary.json`` exists; an unfinished folder is cleared and the job run again."""
+    if (folder / "summary.json").is_file():
+        return folder
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
     command = [
         sys.executable,
         "-m",
         "coalora.run",
-        "--multirun",
-        f"method={','.join(METHODS)}",
+        f"method={method}",
+        f"method.optimizer.lr={lr:g}",
+        f"seed={seed}",
         *overrides,
-        f"hydra.sweep.dir={sweep_dir}",
+        f"hydra.run.dir={folder}",
     ]
     print("running:", " ".join(command), flush=True)
-    subprocess.run(command, check=True)
+    with (folder.parent / f"{folder.name}.log").open("w") as log:
+        subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT)
+    return folder
 
 
-def load_runs(*sweep_dirs: Path) -> list[dict[str, Any]]:
-    """Every finished job of the sweeps: its summary, composed config, group choices and
-    command-line overrides."""
+def run_jobs(overrides: list[str], jobs: list[tuple[str, float, int]], sweep: Path, n: int) -> None:
+    """Run ``jobs`` (method, lr, seed), ``n`` at a time, the per-budget methods' first."""
+    ordered = sorted(jobs, key=lambda j: j[0] not in PER_BUDGET)
+    with ThreadPoolExecutor(max_workers=n) as pool:
+        futures = [pool.submit(run_job, overrides, job_dir(sweep, *job), *job) for job in ordered]
+        for future in futures:
+            future.result()
+
+
+def run_sweep(
+    overrides: list[str], sweep: Path, lrs: list[float], seeds: list[int], n: int
+) -> None:
+    """The grid with the first seed, then the other seeds at each method's chosen rate."""
+    run_jobs(overrides, [(m, lr, seeds[0]) for m in METHODS for lr in lrs], sweep, n)
+    chosen = choose_lrs(load_runs(sweep), seeds[0])
+    run_jobs(overrides, [(m, chosen[m], s) for m in METHODS for s in seeds[1:]], sweep, n)
+
+
+def load_runs(sweep_dir: Path) -> list[dict[str, Any]]:
+    """Every finished job of the sweep: its folder, summary, composed config, group choices
+    and command-line overrides."""
     runs = []
-    paths = [p for d in sweep_dirs for p in sorted(Path(d).glob("*/summary.json"))]
-    for summary_path in paths:
+    for summary_path in sorted(Path(sweep_dir).glob("*/lr_*/seed_*/summary.json")):
         job = summary_path.parent
         hydra = OmegaConf.load(job / ".hydra" / "hydra.yaml").hydra
+        config = OmegaConf.load(job / ".hydra" / "config.yaml")
         runs.append(
             {
+                "dir": job,
                 "summary": json.loads(summary_path.read_text()),
-                "config": OmegaConf.load(job / ".hydra" / "config.yaml"),
+                "config": config,
+                "lr": float(config.method.optimizer.lr),
+                "seed": int(config.seed),
                 "choices": dict(hydra.runtime.choices),
                 "overrides": list(hydra.overrides.task),
             }
         )
     if not runs:
-        raise FileNotFoundError(
-            f"no finished job (*/summary.json) under {', '.join(map(str, sweep_dirs))}"
-        )
+        raise FileNotFoundError(f"no finished job (*/lr_*/seed_*/summary.json) under {sweep_dir}")
     return runs
 
 
+def validation_hv(run: dict[str, Any]) -> float:
+    """The job's hypervolume on the validation split (what its learning rate is chosen by)."""
+    validation = run["summary"].get("validation") or {}
+    if "hv" not in validation:
+        raise ValueError(f"{run['dir']} has no validation scores (summary.json 'validation')")
+    return validation["hv"]
+
+
+def choose_lrs(runs: list[dict[str, Any]], seed: int) -> dict[str, float]:
+    """Per method, the grid's learning rate with the best validation hypervolume at ``seed``."""
+    chosen = {}
+    for method in METHODS:
+        grid = [r for r in runs if r["summary"]["method"] == method and r["seed"] == seed]
+        if not grid:
+            raise ValueError(f"no finished {method} job with seed {seed}: the grid is incomplete")
+        chosen[method] = max(grid, key=validation_hv)["lr"]
+    return chosen
+
+
 def command_of(runs: list[dict[str, Any]]) -> str:
-    """The comparison command that reproduces the sweep (its overrides, less the method)."""
-    overrides = [o for o in runs[0]["overrides"] if not o.startswith(("method=", "seed="))]
-    seeds = ",".join(str(s) for s in sorted({r["config"].seed for r in runs}))
-    return " ".join(["python experiments/compare.py", *overrides, f"seed={seeds}"])
+    """The comparison command that reproduces the sweep."""
+    skip = ("method=", "method.optimizer.lr=", "seed=")
+    overrides = [o for o in runs[0]["overrides"] if not o.startswith(skip)]
+    lrs = ",".join(f"{lr:g}" for lr in sorted({r["lr"] for r in runs}))
+    seeds = ",".join(str(s) for s in sorted({r["seed"] for r in runs}))
+    return " ".join(
+        ["python experiments/compare.py", f"--lrs {lrs}", f"--seeds {seeds}", *overrides]
+    )
 
 
 def setup_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -89,14 +163,16 @@ def setup_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "quant": lambda r: r["summary"]["quant"],
         "metric": lambda r: r["summary"]["metric"],
         "train_samples": lambda r: r["config"].data.max_train_samples,
+        "val_samples": lambda r: r["config"].data.val_size,
         "max_length": lambda r: r["config"].data.max_length,
-        "epochs": lambda r: r["config"].trainer.max_epochs,
+        "max_epochs": lambda r: r["config"].trainer.max_epochs,
+        "patience": lambda r: r["config"].callbacks.early_stopping.patience,
         "batch_size": lambda r: r["config"].data.batch_size,
         "rank": lambda r: r["config"].method.rank,
-        "lr": lambda r: r["config"].method.optimizer.lr,
         "test_samples": lambda r: r["summary"]["results"][0]["num_samples"],
         "budgets": lambda r: list(r["config"].eval.budgets),
         "hv_of": lambda r: r["summary"].get("hv_of", r["summary"]["metric"]),
+        "vocab_size": lambda r: r["summary"].get("vocab_size"),
         "reference": lambda r: r["summary"].get("reference", {}),
     }
     setup = {}
@@ -105,52 +181,89 @@ def setup_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
         if len(values) != 1:
             raise ValueError(f"the jobs differ in {name}: {sorted(values)}; compare like with like")
         setup[name] = json.loads(values.pop())
-    setup["seeds"] = sorted({r["config"].seed for r in runs})
+    setup["seeds"] = sorted({r["seed"] for r in runs})
+    setup["lrs"] = sorted({r["lr"] for r in runs})
     return setup
 
 
-def compare(runs: list[dict[str, Any]], budgets: list[float]) -> dict[str, dict[str, Any]]:
-    """Per method, means over seeds: ``hv``, ``total_time_s``, the metric and average bits per
-    budget, the cumulative training time per number of budgets served, and per-seed values."""
-    jobs = Counter((r["summary"]["method"], r["config"].seed) for r in runs)
-    repeated = sorted(job for job, n in jobs.items() if n > 1)
-    if repeated:
-        raise ValueError(f"(method, seed) jobs found more than once: {repeated}")
-    by_method: dict[str, list[dict]] = defaultdict(list)
+def grid_table(runs: list[dict[str, Any]], seed: int) -> dict[str, dict[str, float]]:
+    """Per method, the validation hypervolume of each learning rate at ``seed``."""
+    grid: dict[str, dict[str, float]] = defaultdict(dict)
     for r in runs:
-        by_method[r["summary"]["method"]].append(r["summary"])
-    missing = [m for m in METHODS if m not in by_method]
-    if missing:
-        raise ValueError(f"the sweep lacks methods {missing}; expected all of {METHODS}")
-    out = {}
+        if r["seed"] == seed:
+            grid[r["summary"]["method"]][f"{r['lr']:g}"] = validation_hv(r)
+    return dict(grid)
+
+
+def examples_of(run: dict[str, Any], budgets: list[float]) -> np.ndarray:
+    """``(budgets, examples, 2)`` per-example test statistics of a job's compared split."""
+    split = run["summary"]["compared_split"]
+    with np.load(run["dir"] / "eval" / "examples.npz") as saved:
+        return np.stack([saved[f"{split}/{b:g}"] for b in budgets])
+
+
+def compare(runs: list[dict[str, Any]], setup: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per method, at its chosen learning rate over all seeds: the statistics of
+    :func:`compare_stats.comparison_stats`, the chosen rate, times, memory, average bits,
+    the cumulative training time per number of budgets served, and per-seed values."""
+    budgets, seeds = setup["budgets"], setup["seeds"]
+    chosen = choose_lrs(runs, seeds[0])
+    finals = {}
     for method in METHODS:
-        summaries = by_method[method]
-        points = defaultdict(list)  # budget -> [(bits, value)] over seeds
-        for s in summaries:
-            for rec in s["results"]:
-                if rec["split"] == s["compared_split"]:
-                    points[rec["target_budget"]].append((rec["avg_bits"], rec["value"]))
-        absent = [b for b in budgets if b not in points]
-        if absent:
-            raise ValueError(f"{method} has no result at budgets {absent}")
+        jobs = {
+            r["seed"]: r
+            for r in runs
+            if r["summary"]["method"] == method and r["lr"] == chosen[method]
+        }
+        missing = [s for s in seeds if s not in jobs]
+        if missing:
+            raise ValueError(f"{method} at lr {chosen[method]:g} lacks seeds {missing}")
+        finals[method] = [jobs[s] for s in seeds]
+    values = np.array(
+        [[[r["summary"]["values"][str(b)] for b in budgets] for r in finals[m]] for m in METHODS]
+    )
+    bits = np.array(
+        [
+            [
+                statistics.mean(
+                    rec["avg_bits"]
+                    for r in finals[m]
+                    for rec in r["summary"]["results"]
+                    if rec["split"] == r["summary"]["compared_split"] and rec["target_budget"] == b
+                )
+                for b in budgets
+            ]
+            for m in METHODS
+        ]
+    )
+    stats = np.array([[examples_of(r, budgets) for r in finals[m]] for m in METHODS])
+    hv_per_seed = np.array([[r["summary"]["hv"] for r in finals[m]] for m in METHODS])
+    intervals = comparison_stats(
+        list(METHODS), stats, values, bits, hv_per_seed, setup["metric"], "coalora",
+        setup["vocab_size"],
+    )  # fmt: skip
+    out = {}
+    for m, method in enumerate(METHODS):
+        summaries = [r["summary"] for r in finals[method]]
         out[method] = {
+            "lr": chosen[method],
             "split": summaries[0]["compared_split"],
-            "hv": statistics.mean(s["hv"] for s in summaries),
+            **intervals[method],
             "total_time_s": statistics.mean(s["train_seconds"] for s in summaries),
-            "peak_rss_mib": max(
-                (s.get("memory", {}).get("peak_rss_mib") or 0.0 for s in summaries), default=0.0
-            ),
-            "metric": {str(b): statistics.mean(v for _, v in points[b]) for b in budgets},
-            "avg_bits": {str(b): statistics.mean(x for x, _ in points[b]) for b in budgets},
+            "peak_rss_mib": max(s.get("memory", {}).get("peak_rss_mib") or 0.0 for s in summaries),
+            "avg_bits": bits[m].tolist(),
             "cumulative_time_s": cumulative_time(summaries, budgets),
+            "best_epochs": [[run.get("best_epoch") for run in s["runs"]] for s in summaries],
             "seeds": [
                 {
-                    "hv": s["hv"],
-                    "total_time_s": s["train_seconds"],
-                    "metric": {str(b): v for b, v in s["values"].items()},
+                    "seed": r["seed"],
+                    "hv": r["summary"]["hv"],
+                    "total_time_s": r["summary"]["train_seconds"],
+                    "values": values[m, i].tolist(),
+                    "validation_hv": validation_hv(r),
                 }
-                for s in summaries
-            ],
+                for i, r in enumerate(finals[method])
+            ],  # fmt: skip
         }
     return out
 
@@ -173,7 +286,7 @@ def cumulative_time(summaries: list[dict[str, Any]], budgets: list[float]) -> li
 
 
 def plot_lines(
-    lines: dict[str, tuple[list[float], list[float]]],
+    lines: dict[str, tuple[list[float], list[float], list[list[float]] | None]],
     xlabel: str,
     ylabel: str,
     title: str,
@@ -181,15 +294,26 @@ def plot_lines(
     integer_x: bool = False,
     reference: dict[str, float] | None = None,
     log_y: bool = False,
+    zero_line: bool = False,
 ) -> None:
-    """One line with markers per label; ``reference`` values as dashed horizontal lines."""
+    """One line with markers per label, with error bars where an interval ``[lo, hi]`` per
+    point is given; ``reference`` values as dashed horizontal lines."""
     fig = Figure(figsize=(6.4, 4.4))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    for label, (xs, ys) in lines.items():
-        ax.plot(xs, ys, marker="o", label=label)
+    for label, (xs, ys, bounds) in lines.items():
+        if bounds is None:
+            ax.plot(xs, ys, marker="o", label=label)
+            continue
+        errors = [
+            [y - lo for y, (lo, _) in zip(ys, bounds, strict=False)],
+            [hi - y for y, (_, hi) in zip(ys, bounds, strict=False)],
+        ]
+        ax.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label=label)
     for label, value in (reference or {}).items():
         ax.axhline(value, linestyle="--", color="grey", label=f"{label} ({value:.4g})")
+    if zero_line:
+        ax.axhline(0.0, color="black", linewidth=0.8)
     if log_y:
         ax.set_yscale("log")
     if integer_x:
@@ -203,29 +327,90 @@ def plot_lines(
     fig.savefig(path, dpi=120)
 
 
-def plot_comparison(comparison: dict, setup: dict, out_dir: Path) -> None:
-    """``metric_vs_bits.png`` and ``time_vs_budgets.png``."""
-    title = f"{setup['task']} · {setup['model']} · {setup['quant']}"
-    metric = {
-        f"{LABELS[m]} ({SCORED_ON[c['split']]})": (
-            list(c["avg_bits"].values()),
-            list(c["metric"].values()),
+def validation_curves(run: dict[str, Any]) -> dict[str, list[tuple[int, float]]]:
+    """Per fit of a job (``""`` or ``budget_<b>``), its validation metric after each epoch
+    (the CSV logger's ``metrics.csv``)."""
+    curves = {}
+    for path in sorted(run["dir"].glob("**/csv/*/metrics.csv")):
+        fit = path.parent.parent.parent.relative_to(run["dir"]).as_posix()
+        rows = [line.split(",") for line in path.read_text().splitlines()]
+        header = rows[0]
+        epoch, metric = header.index("epoch"), header.index("val/metric")
+        curves[fit if fit != "." else ""] = [
+            (int(row[epoch]) + 1, float(row[metric])) for row in rows[1:] if row[metric]
+        ]
+    return curves
+
+
+def plot_validation_curves(
+    runs: list[dict[str, Any]], comparison: dict, setup: dict, path: Path
+) -> None:
+    """One panel per method: the validation metric per epoch of each fit at the chosen
+    learning rate and first seed."""
+    fig = Figure(figsize=(11, 7.5))
+    FigureCanvasAgg(fig)
+    for i, method in enumerate(METHODS):
+        ax = fig.add_subplot(2, 2, i + 1)
+        (run,) = [
+            r for r in runs
+            if r["summary"]["method"] == method and r["lr"] == comparison[method]["lr"]
+            and r["seed"] == setup["seeds"][0]
+        ]  # fmt: skip
+        for fit, points in validation_curves(run).items():
+            ax.plot(
+                *zip(*points, strict=False),
+                marker="o",
+                label=fit.replace("budget_", "") + " bits" if fit else "validation budgets",
+            )
+        ax.set_title(
+            f"{LABELS[method]} (lr {comparison[method]['lr']:g}, seed {setup['seeds'][0]})"
         )
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(f"validation {setup['metric']}")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def plot_comparison(
+    runs: list[dict[str, Any]], comparison: dict, setup: dict, out_dir: Path
+) -> None:
+    """``metric_vs_bits.png``, ``difference_vs_bits.png``, ``time_vs_budgets.png`` and
+    ``validation_curves.png``."""
+    title = f"{setup['task']} · {setup['model']} · {setup['quant']} · seeds {len(setup['seeds'])}"
+    metric = {
+        f"{LABELS[m]} ({SCORED_ON[c['split']]})": (c["avg_bits"], c["mean"], c["interval"])
         for m, c in comparison.items()
     }
     plot_lines(
         metric,
         "average bits per parameter",
-        setup["metric"],
+        f"{setup['metric']} (mean, {LEVEL:.0%} interval)",
         title,
         out_dir / "metric_vs_bits.png",
         reference=setup["reference"],
         log_y=setup["metric"] in LOWER_IS_BETTER,
     )
+    difference = {
+        f"CoA-LoRA − {LABELS[m]}": (setup["budgets"], c["diff"], c["diff_interval"])
+        for m, c in comparison.items()
+        if m != "coalora"
+    }
+    plot_lines(
+        difference,
+        "bit budget",
+        f"paired difference in {setup['metric']} (> 0: CoA-LoRA better)",
+        title,
+        out_dir / "difference_vs_bits.png",
+        zero_line=True,
+    )
     time = {
         LABELS[m]: (
             list(range(1, len(c["cumulative_time_s"]) + 1)),
             [t / 60 for t in c["cumulative_time_s"]],
+            None,
         )
         for m, c in comparison.items()
     }
@@ -237,6 +422,7 @@ def plot_comparison(comparison: dict, setup: dict, out_dir: Path) -> None:
         out_dir / "time_vs_budgets.png",
         integer_x=True,
     )
+    plot_validation_curves(runs, comparison, setup, out_dir / "validation_curves.png")
 
 
 def table_header(cells: list[str]) -> list[str]:
@@ -244,8 +430,43 @@ def table_header(cells: list[str]) -> list[str]:
     return ["| " + " | ".join(cells) + " |", "|---" * len(cells) + "|"]
 
 
-def markdown(comparison: dict, setup: dict, command: str) -> str:
-    budgets = [str(b) for b in setup["budgets"]]
+def cell(value: float, bounds: list[float], sign: bool = False) -> str:
+    """``value [lo, hi]``, four decimals (signed for differences)."""
+    f = "+.4f" if sign else ".4f"
+    return f"{value:{f}} [{bounds[0]:{f}}, {bounds[1]:{f}}]"
+
+
+def goals(comparison: dict, setup: dict) -> list[str]:
+    """The comparison's goals, each met or missed by how much."""
+    ours = comparison["coalora"]
+    best = max((m for m in METHODS if m != "coalora"), key=lambda m: comparison[m]["hv"])
+    gap, (lo, hi) = comparison[best]["hv_diff"], comparison[best]["hv_diff_interval"]
+    lines = [
+        f"- Mean HV ≥ the best other method's ({LABELS[best]} {comparison[best]['hv']:.4f}): "
+        f"{'met' if gap >= 0 else 'missed'}, CoA-LoRA {ours['hv']:.4f}, difference {gap:+.4f} "
+        f"(paired interval [{lo:+.4f}, {hi:+.4f}]).",
+    ]
+    for method in PER_BUDGET:
+        ratio = ours["total_time_s"] / comparison[method]["total_time_s"]
+        lines.append(
+            f"- Training time ≤ 0.5× {LABELS[method]}'s: {'met' if ratio <= 0.5 else 'missed'} "
+            f"({ratio:.2f}×)."
+        )
+    shared, budgets = comparison["shared"], setup["budgets"]
+    low = [i for i, b in enumerate(budgets) if b in LOW_BUDGETS]
+    above = [budgets[i] for i in low if shared["diff_interval"][i][0] > 0]
+    lines.append(
+        f"- Above Shared-LoRA at {', '.join(f'{budgets[i]:g}' for i in low)} bits with the paired "
+        f"interval above 0: {'met' if len(above) == len(low) else 'missed'} (interval above 0 at "
+        f"{', '.join(f'{b:g}' for b in above) or 'none'}; differences "
+        + ", ".join(cell(shared["diff"][i], shared["diff_interval"][i], True) for i in low)
+        + ")."
+    )
+    return lines
+
+
+def markdown(comparison: dict, setup: dict, grid: dict, command: str) -> str:
+    budgets = [f"{b:g}" for b in setup["budgets"]]
     seeds = ", ".join(map(str, setup["seeds"]))
     samples = setup["train_samples"] or "all"
     lower = setup["metric"] in LOWER_IS_BETTER
@@ -255,100 +476,146 @@ def markdown(comparison: dict, setup: dict, command: str) -> str:
         f" Reference: the {label} pre-trained model scores {value:.4f} on the same test set."
         for label, value in setup["reference"].items()
     )
+    lrs = ", ".join(f"{lr:g}" for lr in setup["lrs"])
     lines = [
         f"# {setup['task']} · {setup['model_name']} · {setup['quant'].upper()} quantization",
         "",
         f"Command: `{command}`",
         "",
-        f"Setup: {samples} training {unit}, {setup['epochs']} epochs, seed(s) {seeds}, "
-        f"batch {setup['batch_size']}, max length {setup['max_length']}, rank {setup['rank']}, "
-        f"lr {setup['lr']}; test set: {setup['test_samples']} {unit}. "
-        "Each method trains on the same data, epochs and seed.",
+        f"Setup: {samples} training {unit} and {setup['val_samples']} validation {unit} carved "
+        f"from the training data, seeds {seeds}, batch {setup['batch_size']}, max length "
+        f"{setup['max_length']}, rank {setup['rank']}; test set: {setup['test_samples']} {unit}. "
+        f"Protocol: every method gets the learning-rate grid {{{lrs}}}, each point trained with "
+        f"seed {setup['seeds'][0]}; the method keeps the point with the best hypervolume on the "
+        "validation split, and the other seeds train at it. Every fit trains until its "
+        f"validation {setup['metric']} has not improved for {setup['patience']} epoch(s) (at "
+        f"most {setup['max_epochs']} epochs), and its best validation epoch is evaluated.",
         "",
-        f"{setup['metric'].capitalize()} per average-bit budget "
-        f"({'lower' if lower else 'higher'} is better).{reference} QLoRA and LQ-LoRA train one "
-        "adapter per budget and are scored on that budget's own allocation; Shared-LoRA and "
-        "CoA-LoRA train once and are scored on unseen configurations (allocations never in "
-        f"their training sets). HV: hypervolume of the (bits, {score}) points, bits mapped "
-        "from [2, 8] to [0, 1], reference point (8 bits, 0); points below 0 add nothing. "
-        "Time: total training wall time to serve all budgets (per-budget methods: the sum of "
-        "their runs), LoRA initialisation and configuration search included, evaluation "
-        "excluded; the jobs ran one after another, so compare times within a report. Memory: "
-        "peak resident memory of a job's training and evaluation.",
+        f"Test {setup['metric']} per average-bit budget ({'lower' if lower else 'higher'} is "
+        f"better): the mean over seeds with a {LEVEL:.0%} bootstrap interval ({RESAMPLES} "
+        f"resamples of the test examples and of the seeds).{reference} QLoRA and LQ-LoRA "
+        "train one adapter per budget and are scored on that budget's own allocation; "
+        "Shared-LoRA and CoA-LoRA train once and are scored on unseen configurations "
+        f"(allocations never in their training sets). HV: hypervolume of the (bits, {score}) "
+        "points, bits mapped from [2, 8] to [0, 1], reference point (8 bits, 0), as mean ± "
+        "standard deviation over seeds. Time: mean training wall time to serve all budgets "
+        "(per-budget methods: the sum of their runs), LoRA initialisation and configuration "
+        "search included, evaluation excluded; jobs ran two at a time on a shared machine, so "
+        "times compare within a report. Memory: the largest peak resident memory of a job.",
         "",
-        *table_header(["method", *budgets, "HV", "time (min)", "peak memory (GiB)"]),
+        *table_header(["method", "lr", *budgets, "HV", "time (min)", "peak memory (GiB)"]),
     ]
     for method, c in comparison.items():
-        values = " | ".join(f"{c['metric'][b]:.4f}" for b in budgets)
-        time_min, memory = c["total_time_s"] / 60, c["peak_rss_mib"] / 1024
+        values = " | ".join(cell(v, b) for v, b in zip(c["mean"], c["interval"], strict=False))
         lines.append(
-            f"| {LABELS[method]} | {values} | {c['hv']:.4f} | {time_min:.1f} | {memory:.2f} |"
+            f"| {LABELS[method]} | {c['lr']:g} | {values} | {c['hv']:.4f} ± {c['hv_sd']:.4f} | "
+            f"{c['total_time_s'] / 60:.1f} | {c['peak_rss_mib'] / 1024:.2f} |"
         )
-    ours = comparison["coalora"]
-    sign = -1 if lower else 1
     lines += [
         "",
-        "CoA-LoRA's advantage over each method (difference in the metric, positive where "
-        "CoA-LoRA is better, negative where it loses), and CoA-LoRA's training time over the "
-        "method's:",
+        f"CoA-LoRA's paired advantage over each method, with its {LEVEL:.0%} interval (positive "
+        "where CoA-LoRA is better), and CoA-LoRA's training time over the method's:",
         "",
         *table_header(["vs", *budgets, "HV", "time ratio"]),
     ]
+    ours = comparison["coalora"]
     for method, c in comparison.items():
         if method == "coalora":
             continue
-        diffs = " | ".join(f"{sign * (ours['metric'][b] - c['metric'][b]):+.4f}" for b in budgets)
+        diffs = " | ".join(
+            cell(d, b, True) for d, b in zip(c["diff"], c["diff_interval"], strict=False)
+        )
         ratio = ours["total_time_s"] / c["total_time_s"]
-        lines.append(f"| {LABELS[method]} | {diffs} | {ours['hv'] - c['hv']:+.4f} | {ratio:.2f} |")
-    if len(setup["seeds"]) > 1:
-        lines += ["", "Per seed (HV / time in min):", ""]
-        for method, c in comparison.items():
-            per_seed = ", ".join(
-                f"{s['hv']:.4f} / {s['total_time_s'] / 60:.1f}" for s in c["seeds"]
-            )
-            lines.append(f"- {LABELS[method]}: {per_seed}")
-    lines += ["", "![metric](metric_vs_bits.png) ![time](time_vs_budgets.png)", ""]
+        lines.append(
+            f"| {LABELS[method]} | {diffs} | {cell(c['hv_diff'], c['hv_diff_interval'], True)} "
+            f"| {ratio:.2f} |"
+        )
+    lines += ["", "Goals:", "", *goals(comparison, setup), ""]
+    lines += [
+        f"Learning-rate grid: validation HV at seed {setup['seeds'][0]} (chosen in bold):",
+        "",
+        *table_header(["method", *[f"{lr:g}" for lr in setup["lrs"]]]),
+    ]
+    for method in METHODS:
+        row = [
+            f"**{v:.4f}**" if float(lr) == comparison[method]["lr"] else f"{v:.4f}"
+            for lr, v in sorted(grid[method].items(), key=lambda kv: float(kv[0]))
+        ]
+        lines.append(f"| {LABELS[method]} | " + " | ".join(row) + " |")
+    lines += [
+        "",
+        "Per seed (test HV / validation HV / time in min; best epochs, counting from 0):",
+        "",
+    ]
+    for method, c in comparison.items():
+        per_seed = "; ".join(
+            f"seed {s['seed']}: {s['hv']:.4f} / {s['validation_hv']:.4f} / "
+            f"{s['total_time_s'] / 60:.1f}; epochs {epochs}"
+            for s, epochs in zip(c["seeds"], c["best_epochs"], strict=True)
+        )
+        lines.append(f"- {LABELS[method]}: {per_seed}")
+    lines += [
+        "",
+        "![metric](metric_vs_bits.png) ![difference](difference_vs_bits.png)",
+        "![time](time_vs_budgets.png) ![validation](validation_curves.png)",
+        "",
+    ]
     return "\n".join(lines)
 
 
 def write_report(runs: list[dict[str, Any]], out_dir: Path, command: str) -> dict[str, Any]:
     setup = setup_of(runs)
-    comparison = compare(runs, setup["budgets"])
+    comparison = compare(runs, setup)
+    grid = grid_table(runs, setup["seeds"][0])
     out_dir.mkdir(parents=True, exist_ok=True)
-    summary = {"setup": setup, "methods": comparison}
+    summary = {"setup": setup, "grid_validation_hv": grid, "methods": comparison}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out_dir / "report.md").write_text(markdown(comparison, setup, command))
-    plot_comparison(comparison, setup, out_dir)
+    (out_dir / "report.md").write_text(markdown(comparison, setup, grid, command))
+    plot_comparison(runs, comparison, setup, out_dir)
     return summary
 
 
 def default_sweep_dir(overrides: list[str]) -> Path:
-    """``multirun/compare-<task>-<quant>-<seed>`` from the overrides (``default`` if unset)."""
+    """``multirun/compare-<task>-<quant>`` from the overrides (``default`` if unset)."""
     choices = dict(o.split("=", 1) for o in overrides if "=" in o)
-    tag = "-".join(choices.get(k, "default") for k in ("task", "quant", "seed"))
+    tag = "-".join(choices.get(k, "default") for k in ("task", "quant"))
     return Path("multirun") / f"compare-{tag}"
+
+
+def numbers(text: str, kind: type) -> list:
+    """A comma-separated command-line list as numbers of ``kind``."""
+    return [kind(v) for v in text.split(",")]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of every job")
-    parser.add_argument(
-        "--collect", type=Path, nargs="+", help="report on finished sweeps; train nothing"
-    )
+    parser.add_argument("--collect", type=Path, help="report on a finished sweep; train nothing")
     parser.add_argument("--sweep-dir", type=Path, help="where the jobs run (default: multirun/)")
     parser.add_argument("--out", type=Path, help="report folder (default: results/<name>)")
+    parser.add_argument(
+        "--lrs", type=lambda t: numbers(t, float), default=list(DEFAULT_LRS),
+        help="the learning-rate grid, comma-separated (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--seeds", type=lambda t: numbers(t, int), default=list(DEFAULT_SEEDS),
+        help="seeds, comma-separated; the grid trains with the first (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument("--jobs", type=int, default=int(os.environ.get("COMPARE_JOBS", "1")),
+                        help="jobs run side by side (default: $COMPARE_JOBS or 1)")  # fmt: skip
     args = parser.parse_args()
-    if args.collect:
-        runs = load_runs(*args.collect)
-    else:
-        sweep_dir = args.sweep_dir or default_sweep_dir(args.overrides)
-        run_sweep(args.overrides, sweep_dir)
-        runs = load_runs(sweep_dir)
+    sweep_dir = args.collect or args.sweep_dir or default_sweep_dir(args.overrides)
+    if not args.collect:
+        run_sweep(args.overrides, sweep_dir, args.lrs, args.seeds, args.jobs)
+    runs = load_runs(sweep_dir)
     setup = setup_of(runs)
     out = args.out or RESULTS / f"{setup['task']}-{setup['model']}-{setup['quant']}"
     summary = write_report(runs, out, command_of(runs))
     for method, c in summary["methods"].items():
-        print(f"{LABELS[method]:12s} hv {c['hv']:.4f}  time {c['total_time_s'] / 60:.1f} min")
+        print(
+            f"{LABELS[method]:12s} lr {c['lr']:g}  hv {c['hv']:.4f} ± {c['hv_sd']:.4f}  "
+            f"time {c['total_time_s'] / 60:.1f} min"
+        )
     print(f"report: {out / 'report.md'}")
 
 

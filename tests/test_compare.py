@@ -2,21 +2,33 @@
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "compare.py"
-spec = importlib.util.spec_from_file_location("compare", SCRIPT)
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+sys.path.insert(0, str(EXPERIMENTS))  # compare.py imports compare_stats beside it
+spec = importlib.util.spec_from_file_location("compare", EXPERIMENTS / "compare.py")
 compare = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(compare)
 
 BUDGETS = [2.5, 3.0, 4.0]
+EXAMPLES = 400
 
 
-def fake_job(root: Path, n: int, method: str, seed: int, accuracy: float) -> None:
-    """A finished job folder as ``coalora.run`` writes it (summary and Hydra files)."""
+def correct_rows(accuracy: float, seed: int) -> np.ndarray:
+    """(examples, 2) predicted/target classes with the given share of correct rows."""
+    rng = np.random.default_rng(seed)
+    target = rng.integers(0, 2, EXAMPLES)
+    right = np.arange(EXAMPLES) < round(accuracy * EXAMPLES)
+    return np.stack([np.where(right, target, 1 - target), target], axis=-1)
+
+
+def fake_job(root: Path, method: str, lr: float, seed: int, accuracy: float) -> None:
+    """A finished job folder as ``coalora.run`` writes it (summary, examples, Hydra files)."""
     per_budget = method in ("qlora", "lqlora")
     split = "seen" if per_budget else "unseen"
     runs = (
@@ -24,9 +36,10 @@ def fake_job(root: Path, n: int, method: str, seed: int, accuracy: float) -> Non
         if per_budget
         else [{"name": "", "budget": None, "train_seconds": 50.0}]
     )
+    values = {str(b): round((accuracy + b / 100) * EXAMPLES) / EXAMPLES for b in BUDGETS}
     results = [
-        {"split": split, "target_budget": b, "avg_bits": b - 0.01, "value": accuracy + b / 100}
-        | {"num_samples": 872}
+        {"split": split, "target_budget": b, "avg_bits": b - 0.01, "value": values[str(b)]}
+        | {"num_samples": EXAMPLES}
         for b in BUDGETS
     ]
     summary = {
@@ -37,19 +50,30 @@ def fake_job(root: Path, n: int, method: str, seed: int, accuracy: float) -> Non
         "metric": "accuracy",
         "compared_split": split,
         "hv": accuracy / 2 + seed / 100,
-        "values": {str(b): accuracy + b / 100 for b in BUDGETS},
+        "values": values,
+        "validation": {"hv": accuracy / 2 - abs(lr - 5e-4), "values": values},
         "train_seconds": sum(r["train_seconds"] for r in runs),
         "runs": runs,
         "results": results,
     }
-    job = root / str(n)
+    job = compare.job_dir(root, method, lr, seed)
     (job / ".hydra").mkdir(parents=True)
     (job / "summary.json").write_text(json.dumps(summary))
+    (job / "eval").mkdir()
+    rows = {f"{split}/{b:g}": correct_rows(values[str(b)], seed) for b in BUDGETS}
+    np.savez(job / "eval" / "examples.npz", **rows)
+    for fit in [r["name"] for r in runs]:
+        csv = job / fit / "csv" / "version_0"
+        csv.mkdir(parents=True)
+        csv.joinpath("metrics.csv").write_text(
+            "epoch,step,train/loss,val/loss,val/metric\n0,9,0.5,,\n0,9,,0.4,0.7\n1,19,,0.3,0.8\n"
+        )
     config = {
         "seed": seed,
-        "data": {"max_train_samples": 4000, "max_length": 128, "batch_size": 32},
-        "trainer": {"max_epochs": 2},
-        "method": {"rank": 16, "optimizer": {"lr": 5e-4}},
+        "data": {"max_train_samples": 1000, "val_size": 256, "max_length": 128, "batch_size": 32},
+        "trainer": {"max_epochs": 6},
+        "callbacks": {"early_stopping": {"patience": 1}},
+        "method": {"rank": 16, "optimizer": {"lr": lr}},
         "eval": {"budgets": BUDGETS},
     }
     OmegaConf.save(config, job / ".hydra" / "config.yaml")
@@ -62,50 +86,76 @@ def fake_job(root: Path, n: int, method: str, seed: int, accuracy: float) -> Non
     OmegaConf.save(hydra, job / ".hydra" / "hydra.yaml")
 
 
+ACCURACY = {"qlora": 0.80, "lqlora": 0.81, "shared": 0.70, "coalora": 0.82}
+
+
 @pytest.fixture
 def sweep(tmp_path) -> Path:
-    accuracy = {"qlora": 0.80, "lqlora": 0.81, "shared": 0.78, "coalora": 0.82}
-    n = 0
-    for seed in (0, 1):
-        for method in compare.METHODS:
-            fake_job(tmp_path / "sweep", n, method, seed, accuracy[method] + seed / 50)
-            n += 1
-    return tmp_path / "sweep"
+    root = tmp_path / "sweep"
+    for method in compare.METHODS:
+        for lr in (2e-4, 5e-4):  # the grid, seed 0; 5e-4 wins on validation
+            fake_job(root, method, lr, 0, ACCURACY[method])
+        for seed in (1, 2):
+            fake_job(root, method, 5e-4, seed, ACCURACY[method] + seed / 100)
+    return root
 
 
-def test_report_averages_seeds_and_sums_per_budget_runs(sweep, tmp_path):
+def test_report_chooses_rates_on_validation_and_gives_intervals(sweep, tmp_path):
     summary = compare.write_report(compare.load_runs(sweep), tmp_path / "out", "cmd")
     methods = summary["methods"]
-    assert summary["setup"]["seeds"] == [0, 1] and summary["setup"]["model"] == "minilm"
+    assert summary["setup"]["seeds"] == [0, 1, 2] and summary["setup"]["lrs"] == [2e-4, 5e-4]
+    assert {m: c["lr"] for m, c in methods.items()} == dict.fromkeys(compare.METHODS, 5e-4)
+    assert summary["grid_validation_hv"]["coalora"]["0.0002"] < 0.41
     # Per-budget methods: serving n budgets costs the sum of the first n runs.
     assert methods["qlora"]["cumulative_time_s"] == pytest.approx([25.0, 55.0, 95.0])
-    assert methods["qlora"]["total_time_s"] == pytest.approx(95.0)
-    # One run serves every budget.
     assert methods["coalora"]["cumulative_time_s"] == pytest.approx([50.0, 50.0, 50.0])
-    assert methods["coalora"]["metric"]["3.0"] == pytest.approx(0.82 + 0.01 + 0.03)
-    assert methods["coalora"]["hv"] == pytest.approx((0.41 + 0.43) / 2)
-    assert methods["qlora"]["split"] == "seen" and methods["shared"]["split"] == "unseen"
-    on_disk = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert on_disk == json.loads(json.dumps(summary))
+    # The mean over seeds 0, 1, 2 of accuracy + seed/100 + budget/100.
+    assert methods["coalora"]["mean"][1] == pytest.approx(0.82 + 0.01 + 0.03, abs=1e-3)
+    assert methods["coalora"]["hv"] == pytest.approx((0.41 + 0.425 + 0.44) / 3)
+    for c in methods.values():
+        for mean, (lo, hi) in zip(c["mean"], c["interval"], strict=True):
+            assert lo <= mean <= hi and hi - lo < 0.2
+    # CoA-LoRA is 12 points above Shared-LoRA on the same examples: the interval excludes 0.
+    shared = methods["shared"]
+    assert shared["diff"][0] == pytest.approx(0.12, abs=1e-3)
+    assert all(lo > 0 for lo, _ in shared["diff_interval"])
+    assert methods["coalora"]["diff_interval"] == [[0.0, 0.0]] * 3  # itself
     report = (tmp_path / "out" / "report.md").read_text()
-    assert "| CoA-LoRA | 0.8550 | 0.8600 | 0.8700 |" in report
-    assert "| QLoRA | +0.0200 | +0.0200 | +0.0200 |" in report
-    for name in ("metric_vs_bits.png", "time_vs_budgets.png"):
-        assert (tmp_path / "out" / name).stat().st_size > 10_000
+    assert "| CoA-LoRA | 0.0005 | 0.8550 [" in report
+    assert "Above Shared-LoRA at 2.5, 3 bits with the paired interval above 0: met" in report
+    assert "Training time ≤ 0.5× QLoRA's: missed (0.53×)" in report
+    for name in ("metric_vs_bits", "difference_vs_bits", "time_vs_budgets", "validation_curves"):
+        assert (tmp_path / "out" / f"{name}.png").stat().st_size > 10_000
     assert compare.command_of(compare.load_runs(sweep)) == (
-        "python experiments/compare.py task=sst2 seed=0,1"
+        "python experiments/compare.py --lrs 0.0002,0.0005 --seeds 0,1,2 task=sst2"
     )
+
+
+def test_finished_jobs_are_collected_not_rerun(sweep, monkeypatch):
+    started = []
+    monkeypatch.setattr(compare.subprocess, "run", lambda cmd, **kw: started.append(cmd))
+    compare.run_sweep([], sweep, [2e-4, 5e-4], [0, 1, 2], 2)
+    assert started == []
+    unfinished = compare.job_dir(sweep, "shared", 5e-4, 2)
+    (unfinished / "summary.json").unlink()
+    compare.run_sweep(["task=sst2"], sweep, [2e-4, 5e-4], [0, 1, 2], 1)
+    (command,) = started
+    assert command[-1] == f"hydra.run.dir={unfinished}"
+    assert "method=shared" in command and "seed=2" in command and "task=sst2" in command
 
 
 def test_report_rejects_mixed_or_incomplete_sweeps(sweep, tmp_path):
     runs = compare.load_runs(sweep)
     runs[0]["config"].trainer.max_epochs = 3
-    with pytest.raises(ValueError, match="the jobs differ in epochs"):
+    with pytest.raises(ValueError, match="the jobs differ in max_epochs"):
         compare.setup_of(runs)
     runs = [r for r in compare.load_runs(sweep) if r["summary"]["method"] != "shared"]
-    with pytest.raises(ValueError, match=r"lacks methods \['shared'\]"):
-        compare.compare(runs, BUDGETS)
-    with pytest.raises(ValueError, match=r"more than once: \[\('coalora', 0\)"):
-        compare.compare(compare.load_runs(sweep, sweep), BUDGETS)
+    with pytest.raises(ValueError, match="no finished shared job with seed 0"):
+        compare.choose_lrs(runs, 0)
+    runs = [
+        r for r in compare.load_runs(sweep) if (r["summary"]["method"], r["seed"]) != ("qlora", 2)
+    ]
+    with pytest.raises(ValueError, match=r"qlora at lr 0.0005 lacks seeds \[2\]"):
+        compare.compare(runs, compare.setup_of(runs))
     with pytest.raises(FileNotFoundError, match="no finished job"):
         compare.load_runs(tmp_path / "empty")

@@ -305,3 +305,19 @@ def test_resuming_under_other_settings_is_refused(fast_run, glue_overrides, tmp_
         check_identity(state, identity)
     with pytest.raises(ValueError, match="not written by coalora"):
         check_identity({"state_dict": {}}, identity)
+
+
+def test_the_best_validation_epoch_is_evaluated(glue_overrides, tmp_path):
+    summary = run(
+        [*glue_overrides, "trainer.max_epochs=3", "callbacks.model_checkpoint.monitor=val/metric"],
+        tmp_path,
+    )
+    rows = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text().splitlines()
+    column = rows[0].split(",").index("val/metric")
+    scores = [float(r.split(",")[column]) for r in rows[1:] if r.split(",")[column]]
+    assert len(scores) == 3
+    assert summary["runs"][0]["best_epoch"] == scores.index(max(scores))
+    assert set(summary["validation"]["values"]) == {2.5, 3.0, 3.5, 4.0, 5.0, 6.0}
+    assert 0.0 < summary["validation"]["hv"] <= 1.0
+    with np.load(tmp_path / "eval" / "examples.npz") as examples:
+        assert examples["unseen/3"].shape == (32, 2)

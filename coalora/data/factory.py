@@ -15,6 +15,14 @@ from coalora.data.task import TaskSpec, classification_metric
 
 Task = TaskSpec | LanguageModelingTask
 TASK_KINDS = ("classification", "language_modeling")
+LOWER_IS_BETTER: frozenset[str] = frozenset({"perplexity"})
+"""Metrics that improve downward."""
+
+
+def metric_mode(metric: str) -> str:
+    """``"min"`` for a metric that improves downward (perplexity), else ``"max"``: the
+    ``mode`` of a checkpoint or early-stopping callback monitoring it."""
+    return "min" if metric in LOWER_IS_BETTER else "max"
 
 
 def build_task(config: Mapping[str, Any]) -> Task:

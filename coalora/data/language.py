@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Literal, NamedTuple
 
 import datasets
+import torch
 import torchmetrics
 from torch import Tensor
 from torchmetrics.text import Perplexity
@@ -202,6 +203,16 @@ class LanguageModelingTask:
                 f"{tuple(logits.shape)} and {tuple(labels.shape)}"
             )
         return logits[:, :-1], labels[:, 1:]
+
+    def example_stats(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """Per block, what perplexity is computed from: ``(batch, 2)`` of the summed
+        next-token negative log-likelihood and the number of scored tokens (see
+        :func:`coalora.evaluation.resampling.metric_of`)."""
+        preds, target = self.metric_inputs(logits, labels)
+        nll = torch.nn.functional.cross_entropy(
+            preds.transpose(1, 2).float(), target, ignore_index=-100, reduction="none"
+        )
+        return torch.stack([nll.sum(-1), (target != -100).sum(-1).to(nll.dtype)], dim=-1)
 
 
 def _check_text(field: str, value: object) -> None:

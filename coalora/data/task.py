@@ -4,6 +4,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
 import torchmetrics
 from torch import Tensor
 from torchmetrics.classification import (
@@ -102,6 +103,11 @@ class TaskSpec:
     def metric_inputs(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         """What the task's metric is updated with: predicted and target class ids."""
         return logits.argmax(-1), labels
+
+    def example_stats(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """Per example, what the metric is computed from: ``(batch, 2)`` of predicted and
+        target class ids (see :func:`coalora.evaluation.resampling.metric_of`)."""
+        return torch.stack(self.metric_inputs(logits, labels), dim=-1)
 
     def _validate(self) -> None:
         if self.kind != "classification":

@@ -92,7 +92,7 @@ def compare_export(
     task = build_task(dep.config["task"])
     start = time.perf_counter()
     served = dep.at(config=summary["choice"])
-    coalora, _, _ = score_model(served, batches, build_metric(task), task.metric_inputs)
+    coalora = score_model(served, batches, build_metric(task), task.metric_inputs).value
     coalora_s = time.perf_counter() - start
     blocks = [row.tolist() for batch in batches for row in batch["input_ids"]]
     model, adapter = folder / MODEL_FILE, folder / ADAPTER_FILE

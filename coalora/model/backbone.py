@@ -53,6 +53,8 @@ class QuantizedLoRAModel(nn.Module):
         config_aware: build θ (CoA-LoRA); ``False`` gives plain shared LoRA.
         embed_dim: θ's embedding width.
         hidden_dim: θ's hidden width.
+        numeric_inputs: θ also reads each option field as a number (see
+            :class:`ConfigAwareNetwork`).
         cache_bytes: bound on the cache of packed quantized weights (0 disables it).
         storage: the master copy of the frozen weights, ``"dense"`` or ``"int8"``.
         head_modules: names of the task-head submodules to train (those present).
@@ -69,6 +71,7 @@ class QuantizedLoRAModel(nn.Module):
         config_aware: bool = True,
         embed_dim: int = 16,
         hidden_dim: int = 256,
+        numeric_inputs: bool = False,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         head_modules: Sequence[str] = ("classifier", "score"),
         storage: Storage = "dense",
@@ -106,6 +109,7 @@ class QuantizedLoRAModel(nn.Module):
                 embed_dim,
                 hidden_dim,
                 field_choices=type(options[0]).FIELD_CHOICES,
+                numeric_inputs=numeric_inputs,
             )
             if config_aware
             else None
@@ -313,6 +317,7 @@ class QuantizedLoRAModel(nn.Module):
             config_aware=method["config_aware"],
             embed_dim=method["embed_dim"],
             hidden_dim=method["hidden_dim"],
+            numeric_inputs=method.get("numeric_inputs", False),
             cache_bytes=cfg["quant"]["cache_bytes"],
             storage=cfg["quant"].get("storage", "dense"),
         )
