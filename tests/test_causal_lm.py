@@ -67,14 +67,21 @@ def compose_config(overrides: list[str]):
 @pytest.fixture(scope="module")
 def lm_run(tiny_llama, shared_data_dir, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("lm-run")
-    overrides = [*lm_overrides(tiny_llama, shared_data_dir), f"paths.output_dir={out}"]
-    return out, train(compose_config(overrides))
+    overrides = [
+        *lm_overrides(tiny_llama, shared_data_dir),
+        "callbacks.model_checkpoint.monitor=val/metric",  # the best (lowest) perplexity's epoch
+        f"paths.output_dir={out}",
+    ]
+    cfg = compose_config(overrides)
+    assert cfg.callbacks.model_checkpoint.mode == "min"  # perplexity improves downward
+    return out, train(cfg)
 
 
 def test_language_model_run_reports_perplexity_and_its_hypervolume(lm_run):
     out, summary = lm_run
     records = read_results(out / "eval" / "results.csv")
     assert len(records) == 12 and {r.metric for r in records} == {"perplexity"}
+    assert summary["runs"][0]["best_epoch"] == 0 and summary["validation"]["hv"] > 0
     for r in records:
         assert 1.0 < r.value < 2000 and r.num_samples == 32
         assert r.loss == pytest.approx(math.log(r.value), rel=1e-4)  # ppl = exp(mean NLL)
