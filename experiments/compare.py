@@ -23,6 +23,7 @@ output folder is ``experiments/results/<task>-<model>-<quant>``.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import shutil
@@ -333,11 +334,10 @@ def validation_curves(run: dict[str, Any]) -> dict[str, list[tuple[int, float]]]
     curves = {}
     for path in sorted(run["dir"].glob("**/csv/*/metrics.csv")):
         fit = path.parent.parent.parent.relative_to(run["dir"]).as_posix()
-        rows = [line.split(",") for line in path.read_text().splitlines()]
-        header = rows[0]
-        epoch, metric = header.index("epoch"), header.index("val/metric")
+        with path.open(newline="") as handle:
+            rows = list(csv.DictReader(handle))
         curves[fit if fit != "." else ""] = [
-            (int(row[epoch]) + 1, float(row[metric])) for row in rows[1:] if row[metric]
+            (int(row["epoch"]) + 1, float(row["val/metric"])) for row in rows if row["val/metric"]
         ]
     return curves
 
