@@ -82,7 +82,8 @@ compare: install
 	$(COMPARE) experiment=compare_smollm2
 
 ablate: install
-	$(EXPERIMENT_ENV) $(BIN)/python experiments/ablate.py experiment=compare_minilm task=sst2 quant=nf
+	$(EXPERIMENT_ENV) $(BIN)/python experiments/ablate.py --seeds 0,1,2 \
+		experiment=compare_minilm task=sst2 quant=nf data.max_train_samples=1000
 
 # llama.cpp on coalora's GGUF exports: trains experiment=gguf_smollm2 once (outputs/gguf_smollm2),
 # exports it at 4.25, 5 and 6 bits with format=gguf and compares llama.cpp's WikiText-2

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from compare import RESULTS, numbers, plot_lines, run_job, table_header
+from scipy.stats import t as t_dist
 
 VARIANTS: dict[str, list[str]] = {
     "baseline": [],
@@ -35,6 +37,7 @@ VARIANTS: dict[str, list[str]] = {
     "low_budget_set": ["search.initial_budgets.stop=4.5"],
     "frozen_grid": ["search=frozen"],
     "rank64": ["method.rank=64", "method.alpha=64"],
+    "weight_decay_numeric": ["method.optimizer.weight_decay=0.01", "method.numeric_inputs=true"],
 }
 """Each candidate as overrides of the ``coalora`` method (``baseline``: the defaults)."""
 LR = 5e-4
@@ -52,36 +55,59 @@ def run_ablation(overrides: list[str], sweep: Path, variants: list[str], seeds: 
         list(pool.map(one, jobs))
 
 
-def load(sweep: Path) -> dict[str, list[dict]]:
-    """Per variant, the summaries of its finished seeds."""
-    found: dict[str, list[dict]] = {}
+def load(sweep: Path) -> dict[str, dict[int, dict]]:
+    """Per variant, the summaries of its finished seeds, by seed."""
+    found: dict[str, dict[int, dict]] = {}
     for path in sorted(sweep.glob("*/seed_*/summary.json")):
-        found.setdefault(path.parent.parent.name, []).append(json.loads(path.read_text()))
+        seed = int(path.parent.name.removeprefix("seed_"))
+        found.setdefault(path.parent.parent.name, {})[seed] = json.loads(path.read_text())
     if not found:
         raise FileNotFoundError(f"no finished job (*/seed_*/summary.json) under {sweep}")
     return found
 
 
-def report(found: dict[str, list[dict]], out: Path, command: str) -> dict:
-    """The variants by validation HV (mean ± sd over seeds), with test HV and time beside."""
+def paired_gain(variant: dict[int, dict], baseline: dict[int, dict]) -> dict | None:
+    """The variant's validation HV minus the baseline's on the seeds both finished: mean, 95 %
+    t-interval over seeds (None with fewer than two), and ``adopt``: the interval above 0."""
+    seeds = sorted(set(variant) & set(baseline))
+    if not seeds:
+        return None
+    gains = [variant[s]["validation"]["hv"] - baseline[s]["validation"]["hv"] for s in seeds]
+    mean = statistics.mean(gains)
+    if len(gains) < 2:
+        return {"seeds": seeds, "gains": gains, "mean": mean, "interval": None, "adopt": False}
+    half = (
+        float(t_dist.ppf(0.975, len(gains) - 1)) * statistics.stdev(gains) / math.sqrt(len(gains))
+    )
+    bounds = [mean - half, mean + half]
+    return {"seeds": seeds, "gains": gains, "mean": mean, "interval": bounds,
+            "adopt": bounds[0] > 0}  # fmt: skip
+
+
+def report(found: dict[str, dict[int, dict]], out: Path, command: str) -> dict:
+    """The variants by validation HV (mean ± sd over seeds) and their paired gain over the
+    baseline, with test HV and time beside; a variant is adopted when its gain's interval is
+    above zero."""
     rows = {}
     for variant in [v for v in VARIANTS if v in found]:
-        summaries = found[variant]
+        summaries = list(found[variant].values())
         val = [s["validation"]["hv"] for s in summaries]
         rows[variant] = {
             "overrides": VARIANTS[variant],
-            "seeds": len(summaries),
+            "seeds": sorted(found[variant]),
             "validation_hv": statistics.mean(val),
             "validation_hv_sd": statistics.stdev(val) if len(val) > 1 else 0.0,
             "validation_values": {
                 b: statistics.mean(s["validation"]["values"][b] for s in summaries)
                 for b in summaries[0]["validation"]["values"]
             },
+            "vs_baseline": paired_gain(found[variant], found["baseline"])
+            if "baseline" in found and variant != "baseline"
+            else None,
             "test_hv": statistics.mean(s["hv"] for s in summaries),
             "train_min": statistics.mean(s["train_seconds"] for s in summaries) / 60,
         }
-    baseline = rows.get("baseline", {}).get("validation_hv")
-    winner = max(rows, key=lambda v: rows[v]["validation_hv"])
+    adopted = [v for v, r in rows.items() if r["vs_baseline"] and r["vs_baseline"]["adopt"]]
     budgets = list(next(iter(rows.values()))["validation_values"])
     lines = [
         "# Ablation of CoA-LoRA's options (validation split)",
@@ -89,26 +115,32 @@ def report(found: dict[str, list[dict]], out: Path, command: str) -> dict:
         f"Command: `{command}`",
         "",
         "Each variant is CoA-LoRA with the overrides shown, trained with the same data, seeds "
-        f"and learning rate ({LR:g}); chosen by the hypervolume of its unseen configurations "
-        "on the validation split carved from the training data (mean ± standard deviation "
-        "over seeds). The test HV is shown for reference only; it chose nothing.",
+        f"and learning rate ({LR:g}) and scored by the hypervolume of its unseen "
+        "configurations on the validation split carved from the training data (per budget: "
+        "the mean over seeds; HV: mean ± standard deviation over seeds). *vs baseline* is the "
+        "paired difference from the defaults on the same seeds (the same validation split and "
+        "initial weights): its mean and 95 % t-interval over seeds. A variant is adopted as the "
+        "default only when that interval lies above 0. The test HV is shown for reference "
+        "only; it chose nothing.",
         "",
-        *table_header(["variant", "overrides", *budgets, "validation HV", "vs baseline",
-                       "test HV", "train (min)"]),
+        *table_header(["variant", "overrides", "seeds", *budgets, "validation HV",
+                       "vs baseline", "test HV", "train (min)"]),
     ]  # fmt: skip
     for variant, r in rows.items():
         values = " | ".join(f"{r['validation_values'][b]:.4f}" for b in budgets)
-        delta = f"{r['validation_hv'] - baseline:+.4f}" if baseline is not None else "n/a"
-        name = f"**{variant}**" if variant == winner else variant
+        name = f"**{variant}**" if variant in adopted else variant
         lines.append(
-            f"| {name} | {' '.join(r['overrides']) or '(defaults)'} | {values} | "
-            f"{r['validation_hv']:.4f} ± {r['validation_hv_sd']:.4f} | {delta} | "
-            f"{r['test_hv']:.4f} | {r['train_min']:.1f} |"
+            f"| {name} | {' '.join(r['overrides']) or '(defaults)'} | "
+            f"{','.join(map(str, r['seeds']))} | {values} | "
+            f"{r['validation_hv']:.4f} ± {r['validation_hv_sd']:.4f} | "
+            f"{gain_cell(r['vs_baseline'])} | {r['test_hv']:.4f} | {r['train_min']:.1f} |"
         )
-    lines += ["", f"Best on validation: **{winner}**.", "", "![hv](validation_hv.png)", ""]
+    verdict = ", ".join(adopted) if adopted else "none (the defaults stay)"
+    lines += ["", f"Adopted (paired interval above 0): **{verdict}**.", "",
+              "![hv](validation_hv.png)", ""]  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.md").write_text("\n".join(lines))
-    summary = {"command": command, "winner": winner, "variants": rows}
+    summary = {"command": command, "adopted": adopted, "variants": rows}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     names = list(rows)
     plot_lines(
@@ -123,6 +155,16 @@ def report(found: dict[str, list[dict]], out: Path, command: str) -> dict:
         integer_x=True,
     )  # fmt: skip
     return summary
+
+
+def gain_cell(gain: dict | None) -> str:
+    """``+mean [lo, hi]`` of a paired gain (``n/a`` for the baseline itself)."""
+    if gain is None:
+        return "n/a"
+    if gain["interval"] is None:
+        return f"{gain['mean']:+.4f} (one seed)"
+    lo, hi = gain["interval"]
+    return f"{gain['mean']:+.4f} [{lo:+.4f}, {hi:+.4f}]"
 
 
 def main() -> None:
@@ -146,7 +188,8 @@ def main() -> None:
     out = args.out or RESULTS / f"ablation-{tag}"
     command = " ".join(["python experiments/ablate.py", *args.overrides])
     summary = report(load(sweep), out, command)
-    print(f"best on validation: {summary['winner']}; report: {out / 'report.md'}")
+    adopted = ", ".join(summary["adopted"]) or "none"
+    print(f"adopted on validation: {adopted}; report: {out / 'report.md'}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,51 @@
+"""The ablation report of experiments/ablate.py, on synthetic finished jobs."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+sys.path.insert(0, str(EXPERIMENTS))  # ablate.py imports compare beside it
+spec = importlib.util.spec_from_file_location("ablate", EXPERIMENTS / "ablate.py")
+ablate = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(ablate)
+
+
+def fake_job(sweep: Path, variant: str, seed: int, validation_hv: float) -> None:
+    values = {"3": validation_hv + 0.05, "4": validation_hv + 0.06}
+    summary = {
+        "validation": {"hv": validation_hv, "values": values},
+        "hv": validation_hv - 0.01,
+        "train_seconds": 120.0,
+    }
+    folder = sweep / variant / f"seed_{seed}"
+    folder.mkdir(parents=True)
+    (folder / "summary.json").write_text(json.dumps(summary))
+
+
+def test_a_variant_is_adopted_only_when_its_paired_gain_is_above_zero(tmp_path):
+    sweep = tmp_path / "sweep"
+    baseline = [0.70, 0.74, 0.72]
+    for seed, hv in enumerate(baseline):
+        fake_job(sweep, "baseline", seed, hv)
+        fake_job(sweep, "weight_decay", seed, hv + 0.02 + 0.001 * seed)  # consistent gain
+        fake_job(sweep, "k1", seed, hv + (0.06 if seed == 0 else -0.02))  # one lucky seed
+    fake_job(sweep, "rank64", 0, 0.80)  # one seed: never adopted
+
+    summary = ablate.report(ablate.load(sweep), tmp_path / "out", "python experiments/ablate.py")
+
+    assert summary["adopted"] == ["weight_decay"]
+    gain = summary["variants"]["weight_decay"]["vs_baseline"]
+    assert gain["mean"] == pytest.approx(0.021)
+    assert gain["interval"][0] > 0
+    k1 = summary["variants"]["k1"]["vs_baseline"]
+    assert k1["mean"] == pytest.approx(0.02 / 3)
+    assert k1["interval"][0] < 0 < k1["interval"][1]
+    assert summary["variants"]["rank64"]["vs_baseline"]["interval"] is None
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "Adopted (paired interval above 0): **weight_decay**" in text
+    assert "| +0.1000 (one seed) |" in text
+    assert (tmp_path / "out" / "validation_hv.png").stat().st_size > 0
