@@ -216,13 +216,16 @@ def test_unknown_groups_and_keys_fail_to_compose(override, error, message):
         compose_config([override])
 
 
-def glue_folder(root: Path, train: bytes | None = None, dev: bytes | None = None) -> Path:
-    """A GLUE folder whose SST-2 files are the shared copy's unless given."""
-    shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue" / "SST-2"
+def glue_folder(
+    root: Path, glue_dir: Path | None, train: bytes | None = None, dev: bytes | None = None
+) -> Path:
+    """A GLUE folder whose SST-2 files are those of ``glue_dir`` unless given (``glue_dir``
+    may be None when both are)."""
     folder = root / "glue" / "SST-2"
     folder.mkdir(parents=True)
     for name, text in (("train.tsv", train), ("dev.tsv", dev)):
-        (folder / name).write_bytes(text if text is not None else (shared / name).read_bytes())
+        text = text if text is not None else (glue_dir / "SST-2" / name).read_bytes()
+        (folder / name).write_bytes(text)
     return folder.parent
 
 
@@ -294,8 +297,8 @@ def test_bad_settings_are_refused_before_training(
     ],
     ids=["empty", "header only", "dev header only", "malformed row", "unknown label", "latin-1"],
 )
-def test_bad_data_files_are_named_before_training(tmp_path, files, error, message):
-    glue = glue_folder(tmp_path, files.get("train"), files.get("dev"))
+def test_bad_data_files_are_named_before_training(tmp_path, glue_dir, files, error, message):
+    glue = glue_folder(tmp_path, glue_dir, files.get("train"), files.get("dev"))
     with pytest.raises(error, match=f"^{re.escape(str(glue))}/{message}"):
         run(["task=sst2", f"task.data_dir={glue}", "debug=fast"], tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints").exists()
@@ -309,7 +312,7 @@ def test_a_missing_data_folder_is_named(tmp_path):
 
 def test_a_ten_thousand_word_sentence_is_truncated_to_max_length(tmp_path):
     long_row = b" ".join([b"wonderful"] * 10_000) + b"\t1\n"
-    glue = glue_folder(tmp_path, HEADER + ROWS * 4 + long_row, HEADER + ROWS)
+    glue = glue_folder(tmp_path, None, HEADER + ROWS * 4 + long_row, HEADER + ROWS)
     cfg = compose_config(["task=sst2", f"task.data_dir={glue}", "debug=fast"])
     cfg.data.max_train_samples = cfg.data.max_eval_samples = None
     cfg.data.val_size = 2
