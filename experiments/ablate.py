@@ -73,15 +73,13 @@ def paired_gain(variant: dict[int, dict], baseline: dict[int, dict]) -> dict | N
     if not seeds:
         return None
     gains = [variant[s]["validation"]["hv"] - baseline[s]["validation"]["hv"] for s in seeds]
-    mean = statistics.mean(gains)
-    if len(gains) < 2:
-        return {"seeds": seeds, "gains": gains, "mean": mean, "interval": None, "adopt": False}
-    half = (
-        float(t_dist.ppf(0.975, len(gains) - 1)) * statistics.stdev(gains) / math.sqrt(len(gains))
-    )
-    bounds = [mean - half, mean + half]
-    return {"seeds": seeds, "gains": gains, "mean": mean, "interval": bounds,
-            "adopt": bounds[0] > 0}  # fmt: skip
+    mean, bounds = statistics.mean(gains), None
+    if len(gains) > 1:
+        t_quantile = float(t_dist.ppf(0.975, len(gains) - 1))
+        half = t_quantile * statistics.stdev(gains) / math.sqrt(len(gains))
+        bounds = [mean - half, mean + half]
+    adopt = bounds is not None and bounds[0] > 0
+    return {"seeds": seeds, "gains": gains, "mean": mean, "interval": bounds, "adopt": adopt}
 
 
 def report(found: dict[str, dict[int, dict]], out: Path, command: str) -> dict:
