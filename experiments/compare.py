@@ -3,11 +3,11 @@
 Every method gets the same learning-rate grid: each grid point trains with the first seed,
 and the method keeps the point with the best hypervolume on the validation split (carved
 from the training data, never the test split); the other seeds then train at that point.
-Training stops when the validation metric stops improving (the early-stopping callback;
-``trainer.max_epochs`` caps it) and the best validation epoch is evaluated. Then writes
-``<out>/report.md``, ``<out>/summary.json`` and plots: the test metric per budget with 95 %
-bootstrap intervals over test examples and seeds, the paired difference CoA-LoRA − other,
-hypervolumes with their spread over seeds, the grid's validation scores and curves.
+Training stops when the validation loss stops improving (the early-stopping callback;
+``trainer.max_epochs`` caps it) and the epoch with the best validation metric is evaluated.
+Then writes ``<out>/report.md``, ``<out>/summary.json`` and plots: the test metric per budget
+with 95 % bootstrap intervals over test examples and seeds, the paired difference CoA-LoRA −
+other, hypervolumes with their spread over seeds, the grid's validation scores and curves.
 
     python experiments/compare.py experiment=compare_minilm task=sst2 quant=nf
     python experiments/compare.py --lrs 5e-4 --seeds 0 experiment=compare_minilm task=rte
@@ -51,7 +51,7 @@ PER_BUDGET = ("qlora", "lqlora")
 LOW_BUDGETS = (2.5, 3.0, 3.5)
 """The budgets where CoA-LoRA is expected to beat Shared-LoRA with a paired interval above 0."""
 RESULTS = Path(__file__).resolve().parent / "results"
-DEFAULT_LRS = (2e-4, 5e-4, 1e-3)
+DEFAULT_LRS = (5e-4, 1e-3, 2e-3)
 DEFAULT_SEEDS = (0, 1, 2)
 
 
@@ -168,6 +168,7 @@ def setup_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "max_length": lambda r: r["config"].data.max_length,
         "max_epochs": lambda r: r["config"].trainer.max_epochs,
         "patience": lambda r: r["config"].callbacks.early_stopping.patience,
+        "stop_monitor": lambda r: r["config"].callbacks.early_stopping.monitor,
         "batch_size": lambda r: r["config"].data.batch_size,
         "rank": lambda r: r["config"].method.rank,
         "test_samples": lambda r: r["summary"]["results"][0]["num_samples"],
@@ -184,7 +185,18 @@ def setup_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
         setup[name] = json.loads(values.pop())
     setup["seeds"] = sorted({r["seed"] for r in runs})
     setup["lrs"] = sorted({r["lr"] for r in runs})
+    setup["minutes"] = sweep_minutes(runs)
     return setup
+
+
+def sweep_minutes(runs: list[dict[str, Any]]) -> dict[str, float]:
+    """``count`` jobs; ``jobs``: their wall time summed (each from its Hydra config to its
+    summary being written), and ``span``: from the first job's start to the last one's end, in
+    minutes (the span is the sweep's wall time when it ran without a pause)."""
+    starts = [(r["dir"] / ".hydra" / "config.yaml").stat().st_mtime for r in runs]
+    ends = [(r["dir"] / "summary.json").stat().st_mtime for r in runs]
+    jobs = sum(end - start for start, end in zip(starts, ends, strict=True))
+    return {"count": len(runs), "jobs": jobs / 60, "span": (max(ends) - min(starts)) / 60}
 
 
 def grid_table(runs: list[dict[str, Any]], seed: int) -> dict[str, dict[str, float]]:
@@ -436,6 +448,16 @@ def cell(value: float, bounds: list[float], sign: bool = False) -> str:
     return f"{value:{f}} [{bounds[0]:{f}}, {bounds[1]:{f}}]"
 
 
+def low_budget_wins(comparison: dict, setup: dict) -> list[float]:
+    """The budgets of ``LOW_BUDGETS`` where CoA-LoRA beats Shared-LoRA with the paired
+    interval above 0."""
+    intervals = comparison["shared"]["diff_interval"]
+    return [
+        b for b, (lo, _) in zip(setup["budgets"], intervals, strict=True)
+        if b in LOW_BUDGETS and lo > 0
+    ]  # fmt: skip
+
+
 def goals(comparison: dict, setup: dict) -> list[str]:
     """The comparison's goals, each met or missed by how much."""
     ours = comparison["coalora"]
@@ -454,7 +476,7 @@ def goals(comparison: dict, setup: dict) -> list[str]:
         )
     shared, budgets = comparison["shared"], setup["budgets"]
     low = [i for i, b in enumerate(budgets) if b in LOW_BUDGETS]
-    above = [budgets[i] for i in low if shared["diff_interval"][i][0] > 0]
+    above = low_budget_wins(comparison, setup)
     lines.append(
         f"- Above Shared-LoRA at {', '.join(f'{budgets[i]:g}' for i in low)} bits with the paired "
         f"interval above 0: {'met' if len(above) == len(low) else 'missed'} (interval above 0 at "
@@ -477,6 +499,8 @@ def markdown(comparison: dict, setup: dict, grid: dict, command: str) -> str:
         for label, value in setup["reference"].items()
     )
     lrs = ", ".join(f"{lr:g}" for lr in setup["lrs"])
+    names = {"val/loss": "validation loss", "val/metric": f"validation {setup['metric']}"}
+    monitored = names.get(setup["stop_monitor"], setup["stop_monitor"])
     lines = [
         f"# {setup['task']} · {setup['model_name']} · {setup['quant'].upper()} quantization",
         "",
@@ -488,8 +512,12 @@ def markdown(comparison: dict, setup: dict, grid: dict, command: str) -> str:
         f"Protocol: every method gets the learning-rate grid {{{lrs}}}, each point trained with "
         f"seed {setup['seeds'][0]}; the method keeps the point with the best hypervolume on the "
         "validation split, and the other seeds train at it. Every fit trains until its "
-        f"validation {setup['metric']} has not improved for {setup['patience']} epoch(s) (at "
-        f"most {setup['max_epochs']} epochs), and its best validation epoch is evaluated.",
+        f"{monitored} has not improved for {setup['patience']} "
+        f"epoch(s) (at most {setup['max_epochs']} epochs), and the epoch with its best "
+        f"validation {setup['metric']} is evaluated. "
+        f"Compute: {setup['minutes']['count']} jobs, {setup['minutes']['jobs']:.0f} min of "
+        f"job wall time in all; {setup['minutes']['span']:.0f} min from the first job's start "
+        "to the last one's end.",
         "",
         f"Test {setup['metric']} per average-bit budget ({'lower' if lower else 'higher'} is "
         f"better): the mean over seeds with a {LEVEL:.0%} bootstrap interval ({RESAMPLES} "

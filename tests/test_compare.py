@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -72,7 +73,7 @@ def fake_job(root: Path, method: str, lr: float, seed: int, accuracy: float) -> 
         "seed": seed,
         "data": {"max_train_samples": 1000, "val_size": 256, "max_length": 128, "batch_size": 32},
         "trainer": {"max_epochs": 6},
-        "callbacks": {"early_stopping": {"patience": 1}},
+        "callbacks": {"early_stopping": {"patience": 1, "monitor": "val/loss"}},
         "method": {"rank": 16, "optimizer": {"lr": lr}},
         "eval": {"budgets": BUDGETS},
     }
@@ -84,6 +85,10 @@ def fake_job(root: Path, method: str, lr: float, seed: int, accuracy: float) -> 
         }
     }
     OmegaConf.save(hydra, job / ".hydra" / "hydra.yaml")
+    # The job started at 1000 + 100·seed s and took 60 s (what the report's timing reads).
+    start = 1000.0 + 100 * seed
+    os.utime(job / ".hydra" / "config.yaml", (start, start))
+    os.utime(job / "summary.json", (start + 60, start + 60))
 
 
 ACCURACY = {"qlora": 0.80, "lqlora": 0.81, "shared": 0.70, "coalora": 0.82}
@@ -120,7 +125,10 @@ def test_report_chooses_rates_on_validation_and_gives_intervals(sweep, tmp_path)
     assert shared["diff"][0] == pytest.approx(0.12, abs=1e-3)
     assert all(lo > 0 for lo, _ in shared["diff_interval"])
     assert methods["coalora"]["diff_interval"] == [[0.0, 0.0]] * 3  # itself
+    # 16 jobs of 60 s each; the seed-0 jobs start first (1000 s), seed 2's end last (1260 s).
+    assert summary["setup"]["minutes"] == {"count": 16, "jobs": 16.0, "span": 260 / 60}
     report = (tmp_path / "out" / "report.md").read_text()
+    assert "Compute: 16 jobs, 16 min of job wall time in all; 4 min from the first" in report
     assert "| CoA-LoRA | 0.0005 | 0.8550 [" in report
     assert "Above Shared-LoRA at 2.5, 3 bits with the paired interval above 0: met" in report
     assert "Training time ≤ 0.5× QLoRA's: missed (0.53×)" in report
@@ -159,3 +167,28 @@ def test_report_rejects_mixed_or_incomplete_sweeps(sweep, tmp_path):
         compare.compare(runs, compare.setup_of(runs))
     with pytest.raises(FileNotFoundError, match="no finished job"):
         compare.load_runs(tmp_path / "empty")
+
+
+def test_overview_gathers_the_reports_and_the_goals_across_tasks(sweep, tmp_path):
+    overview_spec = importlib.util.spec_from_file_location(
+        "compare_overview", EXPERIMENTS / "compare_overview.py"
+    )
+    overview = importlib.util.module_from_spec(overview_spec)
+    overview_spec.loader.exec_module(overview)
+    results = tmp_path / "results"
+    for name in ("task-a", "task-b"):
+        compare.write_report(compare.load_runs(sweep), results / name, "cmd")
+    rows = overview.write_overview(results, ["task-a", "task-b", "task-c"])
+    assert [r["name"] for r in rows] == ["task-a", "task-b"]
+    assert rows[0]["best"] == "lqlora" and rows[0]["low_wins"] == [2.5, 3.0]
+    assert rows[0]["hv_gap"] == pytest.approx(0.005, abs=1e-9)  # HV = accuracy / 2 + seed / 100
+    text = (results / "comparison_overview.md").read_text()
+    assert "interval above 0 on at least 2 tasks: met (2 of 2: task-a, task-b)" in text
+    assert "Not yet run: task-c." in text
+    assert "- task-a: mean HV ≥ the best other's met (+0.0050); time ≤ 0.5× missed" in text
+    assert (results / "comparison_overview.png").stat().st_size > 10_000
+    one_seed = json.loads((results / "task-a" / "summary.json").read_text())
+    one_seed["setup"]["seeds"] = [0]
+    (results / "task-a" / "summary.json").write_text(json.dumps(one_seed))
+    with pytest.raises(ValueError, match="has one seed"):
+        overview.write_overview(results, ["task-a"])

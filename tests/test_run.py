@@ -102,8 +102,7 @@ def test_fast_run_writes_every_report(fast_run):
             assert r.avg_bits <= r.target_budget + 1e-9
     assert (out / "eval" / "accuracy_vs_bits.png").stat().st_size > 10_000
     on_disk = json.loads((out / "summary.json").read_text())
-    # The last epoch trained on the set chosen after epoch 1; the search after epoch 2 only
-    # prepares a set for a later epoch, so its proposals count as neither seen nor trained.
+    # The last epoch trained on the set chosen after epoch 1; no round follows the last epoch.
     last_trained = search_report(out, 1)["training_set"]
     (only_run,) = on_disk["runs"]
     assert only_run["training_configurations"] == len(last_trained)
@@ -120,7 +119,8 @@ def test_fast_run_writes_every_report(fast_run):
 
 def test_search_reports_every_epoch(fast_run):
     out, _ = fast_run
-    reports = [search_report(out, k) for k in range(3)]
+    reports = [search_report(out, k) for k in range(2)]
+    assert not (out / "config_set" / "epoch_2.json").exists()  # no epoch trains after it
     for k, report in enumerate(reports):
         assert report["epoch"] == k and (out / "config_set" / f"epoch_{k}.png").exists()
         pool, proposals = report["pool"], report["proposals"]
@@ -143,8 +143,8 @@ def test_search_reports_every_epoch(fast_run):
 def test_checkpoint_holds_the_configuration_set_and_no_frozen_weights(fast_run):
     out, _ = fast_run
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
-    final_set = [row["config"] for row in search_report(out, 2)["training_set"]]
-    assert ckpt["coalora"]["train_configs"] == final_set
+    final_set = [row["config"] for row in search_report(out, 1)["training_set"]]
+    assert ckpt["coalora"]["train_configs"] == ckpt["coalora"]["epoch_configs"] == final_set
     assert ckpt["callbacks"]["ParetoSearchCallback"]["configs"] == final_set
     assert all(len(c) == 36 for c in final_set)
     keys = ckpt["state_dict"].keys()
@@ -170,12 +170,13 @@ def test_resume_continues_exactly(glue_overrides, tmp_path):
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-6), key
     assert not torch.equal(a[next(k for k in a if "lora_B" in k)], torch.zeros(1))
-    # The search after the resumed epoch chose the same training set as the straight run.
-    assert search_report(resumed, 1) == {
-        **search_report(straight, 1),
-        "seconds": search_report(resumed, 1)["seconds"],
+    # The one-epoch run ended without a round; the resumed run ran the round after epoch 0
+    # as the straight run did, from the checkpoint's model and search state.
+    assert not (first / "config_set" / "epoch_0.json").exists()
+    assert search_report(resumed, 0) == {
+        **search_report(straight, 0),
+        "seconds": search_report(resumed, 0)["seconds"],
     }
-    assert not (resumed / "config_set" / "epoch_0.json").exists()
 
 
 def cached_table(overrides: list[str]) -> ErrorTable:

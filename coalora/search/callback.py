@@ -21,8 +21,10 @@ PLOT_DPI = 120
 
 
 class ParetoSearchCallback(L.Callback):
-    """After every ``interval``-th training epoch, run one search round and replace the
-    module's ``train_configs`` by its result.
+    """Before the epoch that follows every ``interval``-th training epoch, run one search
+    round on the model as that epoch left it and replace the module's ``train_configs`` by its
+    result. A round runs only when an epoch will train on its result: the last epoch of a run
+    (``max_epochs`` reached, or early stopping) is followed by none.
 
     Configurations are scored with the module in eval mode under ``torch.no_grad()``: the loss
     of :meth:`CoALoRAModule.loss_under` (adapters and θ included), averaged over the first
@@ -30,16 +32,17 @@ class ParetoSearchCallback(L.Callback):
     are scored shortest first in batches of ``heldout_batch_size`` (``heldout_batches``), which
     wastes far less compute on padding than one batch padded to the longest example.
 
-    Each round writes ``<dirpath>/epoch_<k>.json`` (pool, proposals and training set with their
-    bits and losses, the pool hypervolume, acquisition evaluations, seconds) and a plot
-    ``epoch_<k>.png``, and logs ``search/train_set_size``, ``search/bits_min``,
+    The round after epoch k writes ``<dirpath>/epoch_<k>.json`` (pool, proposals and training
+    set with their bits and losses, the pool hypervolume, acquisition evaluations, seconds) and
+    a plot ``epoch_<k>.png``, and logs ``search/train_set_size``, ``search/bits_min``,
     ``search/bits_max``, ``search/pool_hv`` and ``search/seconds`` (and the plot to W&B). Both
     files are written atomically (a temporary file renamed into place).
 
-    Ordering: Lightning calls ``on_train_epoch_end`` of ordinary callbacks before that of
-    checkpoint callbacks (and puts ``ModelCheckpoint`` last in the list), after the epoch's
-    validation, so the checkpoint written at the end of epoch k already holds the search's
-    result and state: a run resumed from it trains epoch k+1 on the same set.
+    Ordering: Lightning calls ``on_train_epoch_start`` of callbacks before the module's, which
+    records the set the epoch trains on. The checkpoint written at the end of epoch k holds the
+    model and the search state the round after epoch k starts from (the round draws from the
+    search's own seeded generator), so a run resumed from it, with more epochs if wanted, runs
+    that round as the uninterrupted run does and trains epoch k+1 on the same set.
 
     Several processes (DDP): only global rank 0 scores and searches (the others wait in the
     broadcast); its search state, and so the next training set, is broadcast, so every rank
@@ -48,7 +51,7 @@ class ParetoSearchCallback(L.Callback):
     Args:
         search: the search (its initial pool is the module's initial training set).
         dirpath: folder of the per-epoch reports.
-        interval: run after epochs k with ``(k + 1) % interval == 0``.
+        interval: run after epochs k with ``(k + 1) % interval == 0`` that another epoch follows.
         heldout_size: validation examples scored.
         heldout_batch_size: examples per forward pass.
     """
@@ -72,9 +75,9 @@ class ParetoSearchCallback(L.Callback):
         self.heldout_size = heldout_size
         self.heldout_batch_size = heldout_batch_size
 
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        epoch = trainer.current_epoch
-        if (epoch + 1) % self.interval:
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        finished = trainer.current_epoch - 1  # the epoch the model has just trained
+        if finished < 0 or (finished + 1) % self.interval:
             return
         with full_parameters(trainer):
             result = self._search(trainer, pl_module) if trainer.is_global_zero else None
@@ -84,7 +87,7 @@ class ParetoSearchCallback(L.Callback):
                 self.search.load_state_dict(state)
         pl_module.train_configs = list(self.search.configs)
         if result is not None:
-            self._report(result, epoch, trainer)
+            self._report(result, finished, trainer)
 
     def _search(self, trainer: L.Trainer, pl_module: L.LightningModule) -> SearchRound:
         """One round, scored on this process's copy of the model."""
