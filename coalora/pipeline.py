@@ -14,6 +14,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
+import coalora.resolvers  # noqa: F401  (registers the config resolvers)
 from coalora.checkpoint_io import full_parameters
 from coalora.checkpoints import finished_epochs, run_identity
 from coalora.cli import check_launch

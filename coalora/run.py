@@ -8,7 +8,6 @@ what the fits produced.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +19,12 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
+import coalora.resolvers  # noqa: F401  (registers the config resolvers)
 from coalora.checkpoints import check_identity, run_identity
 from coalora.cli import quiet_console_off_rank_zero, quiet_libraries, reported_errors
-from coalora.data import build_task, metric_mode
+from coalora.data import build_task
 from coalora.memory import PeakMemory
-from coalora.model.hub import check_model_for_task, package_path
+from coalora.model.hub import check_model_for_task
 from coalora.pipeline import Experiment, fit_all, load_error_table
 from coalora.preflight import check_data_length, check_settings
 from coalora.quant import ConfigSpace
@@ -37,11 +37,6 @@ from coalora.summary import (
 )
 
 log = logging.getLogger(__name__)
-OmegaConf.register_new_resolver("package_path", package_path, replace=True)
-# `${pid:}`: this process's id, in run folder names (conf/hydra/default.yaml).
-OmegaConf.register_new_resolver("pid", os.getpid, replace=True)
-# `${metric_mode:${task.metric}}`: whether a metric improves upward (max) or downward (min).
-OmegaConf.register_new_resolver("metric_mode", metric_mode, replace=True)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from compare import RESULTS, numbers, plot_lines, run_job, table_header
+from omegaconf import OmegaConf
 from scipy.stats import t as t_dist
 
 VARIANTS: dict[str, list[str]] = {
@@ -55,14 +56,33 @@ def run_ablation(overrides: list[str], sweep: Path, variants: list[str], seeds: 
         list(pool.map(one, jobs))
 
 
+def protocol_of(job: Path) -> str:
+    """What every variant must share: task, data sizes, epochs and stopping rule."""
+    config = OmegaConf.load(job / ".hydra" / "config.yaml")
+    shared = {
+        "task": config.task.name,
+        "quant": config.quant.fmt,
+        "data": {k: config.data[k] for k in ("max_train_samples", "val_size", "max_length")},
+        "max_epochs": config.trainer.max_epochs,
+        "early_stopping": config.callbacks.get("early_stopping"),
+    }
+    return json.dumps(OmegaConf.to_container(OmegaConf.create(shared)), sort_keys=True)
+
+
 def load(sweep: Path) -> dict[str, dict[int, dict]]:
-    """Per variant, the summaries of its finished seeds, by seed."""
+    """Per variant, the summaries of its finished seeds, by seed; raises if the jobs differ in
+    their protocol (:func:`protocol_of`), e.g. an old job under another stopping rule."""
     found: dict[str, dict[int, dict]] = {}
+    protocols: dict[str, list[str]] = {}
     for path in sorted(sweep.glob("*/seed_*/summary.json")):
         seed = int(path.parent.name.removeprefix("seed_"))
         found.setdefault(path.parent.parent.name, {})[seed] = json.loads(path.read_text())
+        protocols.setdefault(protocol_of(path.parent), []).append(str(path.parent))
     if not found:
         raise FileNotFoundError(f"no finished job (*/seed_*/summary.json) under {sweep}")
+    if len(protocols) > 1:
+        groups = "; ".join(f"{p}: {', '.join(jobs)}" for p, jobs in protocols.items())
+        raise ValueError(f"the jobs under {sweep} differ in their protocol: {groups}")
     return found
 
 

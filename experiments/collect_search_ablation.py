@@ -11,6 +11,7 @@ seed=...`, each run holding `summary.json` and, for searching runs, `config_set/
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import statistics
 from collections import defaultdict
@@ -23,12 +24,19 @@ from omegaconf import OmegaConf
 BUDGETS = (2.5, 3.0, 3.5, 4.0)
 
 
+def epochs_trained(run_dir: Path) -> int:
+    """How many epochs the run trained (its CSV log's last epoch + 1; early stopping may end a
+    run before ``trainer.max_epochs``)."""
+    with (run_dir / "csv" / "version_0" / "metrics.csv").open(newline="") as handle:
+        return 1 + max(int(row["epoch"]) for row in csv.DictReader(handle) if row["epoch"])
+
+
 def load_run(run_dir: Path) -> dict:
     config = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
     summary = json.loads((run_dir / "summary.json").read_text())
     rounds = [json.loads(p.read_text()) for p in sorted(run_dir.glob("config_set/epoch_*.json"))]
     search_seconds = sum(r["seconds"] for r in rounds)
-    epochs = config.trainer.max_epochs
+    epochs = epochs_trained(run_dir)
     unseen = {r["target_budget"]: r["value"] for r in summary["results"] if r["split"] == "unseen"}
     return {
         "search": config.search.name,
@@ -41,6 +49,7 @@ def load_run(run_dir: Path) -> dict:
         "setup": {
             "train_samples": config.data.max_train_samples,
             "epochs": epochs,
+            "max_epochs": config.trainer.max_epochs,
             "batch_size": config.data.batch_size,
             "max_length": config.data.max_length,
             "heldout_size": config.search.get("heldout_size"),
@@ -71,8 +80,8 @@ def header(runs: list[dict], run_dirs: list[Path]) -> list[str]:
         "",
         f"Command: `{sweep_command(run_dirs)}`, then `experiments/collect_search_ablation.py`.",
         "",
-        f"Setup: {setup['train_samples']} training sentences, {setup['epochs']} epochs (a search "
-        f"after each), seeds {seeds}, batch {setup['batch_size']}, max length "
+        f"Setup: {setup['train_samples']} training sentences, at most {setup['max_epochs']} epochs "
+        f"(a search between epochs), seeds {seeds}, batch {setup['batch_size']}, max length "
         f"{setup['max_length']}; search: {setup['num_proposals']} proposals, "
         f"{setup['max_acq_evals']} acquisition evaluations, {setup['heldout_size']} held-out "
         f"sentences; test set: {setup['test_samples']} dev sentences. Accuracy is on unseen "

@@ -95,9 +95,14 @@ def run_jobs(overrides: list[str], jobs: list[tuple[str, float, int]], sweep: Pa
 def run_sweep(
     overrides: list[str], sweep: Path, lrs: list[float], seeds: list[int], n: int
 ) -> None:
-    """The grid with the first seed, then the other seeds at each method's chosen rate."""
+    """The grid with the first seed, then the other seeds at each method's chosen rate; jobs
+    already finished must share one setup (:func:`setup_of`) before any more run."""
+    if any(sweep.glob("*/lr_*/seed_*/summary.json")):
+        setup_of(load_runs(sweep))
     run_jobs(overrides, [(m, lr, seeds[0]) for m in METHODS for lr in lrs], sweep, n)
-    chosen = choose_lrs(load_runs(sweep), seeds[0])
+    runs = load_runs(sweep)
+    setup_of(runs)
+    chosen = choose_lrs(runs, seeds[0])
     run_jobs(overrides, [(m, chosen[m], s) for m in METHODS for s in seeds[1:]], sweep, n)
 
 

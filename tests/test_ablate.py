@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 sys.path.insert(0, str(EXPERIMENTS))  # ablate.py imports compare beside it
@@ -14,7 +15,9 @@ ablate = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(ablate)
 
 
-def fake_job(sweep: Path, variant: str, seed: int, validation_hv: float) -> None:
+def fake_job(
+    sweep: Path, variant: str, seed: int, validation_hv: float, stop_on: str = "val/loss"
+) -> None:
     values = {"3": validation_hv + 0.05, "4": validation_hv + 0.06}
     summary = {
         "validation": {"hv": validation_hv, "values": values},
@@ -22,8 +25,16 @@ def fake_job(sweep: Path, variant: str, seed: int, validation_hv: float) -> None
         "train_seconds": 120.0,
     }
     folder = sweep / variant / f"seed_{seed}"
-    folder.mkdir(parents=True)
+    (folder / ".hydra").mkdir(parents=True)
     (folder / "summary.json").write_text(json.dumps(summary))
+    config = {
+        "task": {"name": "sst2"},
+        "quant": {"fmt": "nf"},
+        "data": {"max_train_samples": 1000, "val_size": 256, "max_length": 128},
+        "trainer": {"max_epochs": 6},
+        "callbacks": {"early_stopping": {"monitor": stop_on, "patience": 1}},
+    }
+    OmegaConf.save(config, folder / ".hydra" / "config.yaml")
 
 
 def test_a_variant_is_adopted_only_when_its_paired_gain_is_above_zero(tmp_path):
@@ -49,3 +60,11 @@ def test_a_variant_is_adopted_only_when_its_paired_gain_is_above_zero(tmp_path):
     assert "Adopted (paired interval above 0): **weight_decay**" in text
     assert "| +0.1000 (one seed) |" in text
     assert (tmp_path / "out" / "validation_hv.png").stat().st_size > 0
+
+
+def test_jobs_under_another_protocol_are_refused(tmp_path):
+    sweep = tmp_path / "sweep"
+    fake_job(sweep, "baseline", 0, 0.70)
+    fake_job(sweep, "k1", 0, 0.71, stop_on="val/metric")  # an older stopping rule
+    with pytest.raises(ValueError, match="differ in their protocol"):
+        ablate.load(sweep)

@@ -150,6 +150,14 @@ def test_finished_jobs_are_collected_not_rerun(sweep, monkeypatch):
     (command,) = started
     assert command[-1] == f"hydra.run.dir={unfinished}"
     assert "method=shared" in command and "seed=2" in command and "task=sst2" in command
+    old = compare.job_dir(sweep, "qlora", 2e-4, 0) / ".hydra" / "config.yaml"
+    config = OmegaConf.load(old)
+    config.callbacks.early_stopping.monitor = "val/metric"  # a job under an older rule
+    OmegaConf.save(config, old)
+    started.clear()
+    with pytest.raises(ValueError, match="the jobs differ in stop_monitor"):
+        compare.run_sweep([], sweep, [2e-4, 5e-4], [0, 1, 2], 1)
+    assert started == []  # refused before any job ran
 
 
 def test_report_rejects_mixed_or_incomplete_sweeps(sweep, tmp_path):
@@ -183,12 +191,22 @@ def test_overview_gathers_the_reports_and_the_goals_across_tasks(sweep, tmp_path
     assert rows[0]["best"] == "lqlora" and rows[0]["low_wins"] == [2.5, 3.0]
     assert rows[0]["hv_gap"] == pytest.approx(0.005, abs=1e-9)  # HV = accuracy / 2 + seed / 100
     text = (results / "comparison_overview.md").read_text()
-    assert "interval above 0 on at least 2 tasks: met (2 of 2: task-a, task-b)" in text
-    assert "Not yet run: task-c." in text
+    # Both reports are SST-2: one task, however many quantizers.
+    assert "on at least 2 tasks: missed (1 task(s) of 1; reports: task-a, task-b)" in text
+    assert "Not yet run with several seeds: task-c." in text
     assert "- task-a: mean HV ≥ the best other's met (+0.0050); time ≤ 0.5× missed" in text
     assert (results / "comparison_overview.png").stat().st_size > 10_000
-    one_seed = json.loads((results / "task-a" / "summary.json").read_text())
-    one_seed["setup"]["seeds"] = [0]
-    (results / "task-a" / "summary.json").write_text(json.dumps(one_seed))
-    with pytest.raises(ValueError, match="has one seed"):
-        overview.write_overview(results, ["task-a"])
+    other_task = json.loads((results / "task-b" / "summary.json").read_text())
+    other_task["setup"]["task"] = "mrpc"
+    (results / "task-b" / "summary.json").write_text(json.dumps(other_task))
+    overview.write_overview(results, ["task-a", "task-b"])
+    text = (results / "comparison_overview.md").read_text()
+    assert "on at least 2 tasks: met (2 task(s) of 2; reports: task-a, task-b)" in text
+    other_task["setup"]["seeds"] = [0]
+    (results / "task-b" / "summary.json").write_text(json.dumps(other_task))
+    rows = overview.write_overview(results, ["task-a", "task-b"])
+    assert [r["name"] for r in rows] == ["task-a"]
+    assert (
+        "Not yet run with several seeds: task-b."
+        in (results / "comparison_overview.md").read_text()
+    )

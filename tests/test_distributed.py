@@ -72,13 +72,13 @@ def test_training_shards_are_disjoint_cover_the_data_and_follow_the_epoch():
     assert shards(EpochShuffleSampler(50, seed=3), epoch=1) == second
 
 
-def fake_trainer(rank: int, rank_zero_object):
+def fake_trainer(rank: int, rank_zero_object, current_epoch: int = 0):
     """A two-process trainer seen from ``rank``: ``broadcast`` returns rank 0's object."""
     return SimpleNamespace(
         world_size=2,
         global_rank=rank,
         is_global_zero=rank == 0,
-        current_epoch=0,
+        current_epoch=current_epoch,
         strategy=SimpleNamespace(model=None, broadcast=lambda obj, src: rank_zero_object),
     )
 
@@ -113,7 +113,9 @@ def test_a_rank_other_than_zero_takes_the_search_result_of_rank_zero(space, tmp_
     search = ParetoGPSearch(space, pool)
     callback = ParetoSearchCallback(search, tmp_path / "config_set")
     module = SimpleNamespace(train_configs=list(pool))
-    callback.on_train_epoch_end(fake_trainer(1, rank_zero.state_dict()), module)
+    callback.on_train_epoch_start(fake_trainer(1, rank_zero.state_dict()), module)  # epoch 0
+    assert module.train_configs == pool  # no epoch before it: no round
+    callback.on_train_epoch_start(fake_trainer(1, rank_zero.state_dict(), 1), module)
     assert module.train_configs == [pool[2], pool[0]] == search.configs
     assert torch.equal(search.generator.get_state(), rank_zero.generator.get_state())
     assert not (tmp_path / "config_set").exists()  # rank 0 alone writes the reports
