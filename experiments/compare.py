@@ -463,18 +463,28 @@ def low_budget_wins(comparison: dict, setup: dict) -> list[float]:
     ]  # fmt: skip
 
 
+def best_other(comparison: dict) -> str:
+    """The method other than CoA-LoRA with the highest mean hypervolume."""
+    return max((m for m in METHODS if m != "coalora"), key=lambda m: comparison[m]["hv"])
+
+
+def time_ratios(comparison: dict) -> dict[str, float]:
+    """CoA-LoRA's training time over each per-budget method's."""
+    ours = comparison["coalora"]["total_time_s"]
+    return {m: ours / comparison[m]["total_time_s"] for m in PER_BUDGET}
+
+
 def goals(comparison: dict, setup: dict) -> list[str]:
     """The comparison's goals, each met or missed by how much."""
     ours = comparison["coalora"]
-    best = max((m for m in METHODS if m != "coalora"), key=lambda m: comparison[m]["hv"])
+    best = best_other(comparison)
     gap, (lo, hi) = comparison[best]["hv_diff"], comparison[best]["hv_diff_interval"]
     lines = [
         f"- Mean HV ≥ the best other method's ({LABELS[best]} {comparison[best]['hv']:.4f}): "
         f"{'met' if gap >= 0 else 'missed'}, CoA-LoRA {ours['hv']:.4f}, difference {gap:+.4f} "
         f"(paired interval [{lo:+.4f}, {hi:+.4f}]).",
     ]
-    for method in PER_BUDGET:
-        ratio = ours["total_time_s"] / comparison[method]["total_time_s"]
+    for method, ratio in time_ratios(comparison).items():
         lines.append(
             f"- Training time ≤ 0.5× {LABELS[method]}'s: {'met' if ratio <= 0.5 else 'missed'} "
             f"({ratio:.2f}×)."

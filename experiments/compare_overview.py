@@ -19,7 +19,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from compare import LABELS, LOW_BUDGETS, METHODS, PER_BUDGET, RESULTS, low_budget_wins
+from compare import (
+    LABELS,
+    LOW_BUDGETS,
+    METHODS,
+    RESULTS,
+    best_other,
+    low_budget_wins,
+    time_ratios,
+)
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -45,15 +53,14 @@ def load(results: Path, names: list[str]) -> tuple[dict[str, dict[str, Any]], li
 def task_row(name: str, summary: dict[str, Any]) -> dict[str, Any]:
     """What the overview shows of one report."""
     methods, setup = summary["methods"], summary["setup"]
-    ours = methods["coalora"]
-    best = max((m for m in METHODS if m != "coalora"), key=lambda m: methods[m]["hv"])
+    best = best_other(methods)
     return {
         "name": name,
         "setup": setup,
         "best": best,
         "hv_gap": methods[best]["hv_diff"],
         "hv_gap_interval": methods[best]["hv_diff_interval"],
-        "time_ratio": {m: ours["total_time_s"] / methods[m]["total_time_s"] for m in PER_BUDGET},
+        "time_ratio": time_ratios(methods),
         "low_wins": low_budget_wins(methods, setup),
         "low_budgets": [b for b in setup["budgets"] if b in LOW_BUDGETS],
     }
