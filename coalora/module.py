@@ -40,6 +40,8 @@ class CoALoRAModule(L.LightningModule):
             back-propagated before the next forward pass (manual optimization), so activation
             memory does not grow with k.
         gradient_clip_val: clip the gradient norm of each step to this (``None``: no clipping).
+        theta_lr_scale: θ's learning rate as a multiple of the optimizer's (θ's outputs move
+            about ``hidden_dim`` times faster than a LoRA factor under Adam's per-weight steps).
         seed: seed of the configuration sampler.
         identity: what a checkpoint must match to be resumed by this module (model, quant
             format, method, option-space size, ...); saved in every checkpoint.
@@ -57,8 +59,11 @@ class CoALoRAModule(L.LightningModule):
         seed: int = 0,
         identity: Mapping[str, Any] | None = None,
         gradient_clip_val: float | None = 1.0,
+        theta_lr_scale: float = 1.0,
     ) -> None:
         super().__init__()
+        if not theta_lr_scale > 0:
+            raise ValueError(f"theta_lr_scale={theta_lr_scale!r} must be a positive number")
         if configs_per_step < 1:
             raise ValueError(f"configs_per_step={configs_per_step} must be >= 1")
         if gradient_clip_val is not None and not gradient_clip_val > 0:
@@ -84,6 +89,7 @@ class CoALoRAModule(L.LightningModule):
         )
         self.automatic_optimization = False  # one configuration's graph alive at a time
         self.gradient_clip_val = gradient_clip_val
+        self.theta_lr_scale = theta_lr_scale
         self.model = model
         self.optimizer_factory = optimizer
         self.train_configs: list[Choice] = [model.check_choice(c) for c in train_configs]
@@ -170,7 +176,21 @@ class CoALoRAModule(L.LightningModule):
         self.log("val/metric", self.val_metric, prog_bar=True, on_epoch=True)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return self.optimizer_factory(params=[p for p in self.parameters() if p.requires_grad])
+        """The optimizer over the trainable parameters; θ's form a group of their own, at
+        ``theta_lr_scale`` times the learning rate, when that scale is not 1."""
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        net = self.model.config_net
+        if net is None or self.theta_lr_scale == 1.0:
+            return self.optimizer_factory(params=trainable)
+        theta = {id(p) for p in net.parameters()}
+        optimizer = self.optimizer_factory(
+            params=[
+                {"params": [p for p in trainable if id(p) not in theta]},
+                {"params": [p for p in trainable if id(p) in theta]},
+            ]
+        )
+        optimizer.param_groups[1]["lr"] = optimizer.defaults["lr"] * self.theta_lr_scale
+        return optimizer
 
     def frozen_keys(self) -> set[str]:
         return {

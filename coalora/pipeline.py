@@ -145,6 +145,7 @@ def build_module(exp: Experiment, run: TrainingRun, model: QuantizedLoRAModel) -
         seed=cfg.seed,
         identity=identity,
         gradient_clip_val=method.gradient_clip_val,
+        theta_lr_scale=method.get("theta_lr_scale", 1.0),
     )
 
 

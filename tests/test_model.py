@@ -233,3 +233,33 @@ def test_lqlora_init_rounds_fit_the_weight_better_and_keep_their_quantization():
     assert not layer.weight.equal(original[model.targets[0].name])
     with pytest.raises(ValueError, match="iterations must be >= 1, got 0"):
         model.init_lora_from_residual(choice, iterations=0)
+
+
+def test_theta_gets_its_own_learning_rate(minilm_qmodel):
+    from functools import partial
+
+    from torchmetrics.classification import MulticlassAccuracy
+
+    from coalora.module import CoALoRAModule
+
+    def optimizer_of(scale: float) -> torch.optim.Optimizer:
+        module = CoALoRAModule(
+            minilm_qmodel,
+            partial(torch.optim.AdamW, lr=2e-3),
+            [(200,) * 36],
+            [],
+            MulticlassAccuracy(num_classes=2),
+            lambda logits, labels: (logits.argmax(-1), labels),
+            theta_lr_scale=scale,
+        )
+        return module.configure_optimizers()
+
+    trainable = {id(p) for p in minilm_qmodel.parameters() if p.requires_grad}
+    theta = {id(p) for p in minilm_qmodel.config_net.parameters()}
+    rest, net = optimizer_of(0.1).param_groups
+    assert {id(p) for p in net["params"]} == theta and net["lr"] == pytest.approx(2e-4)
+    assert {id(p) for p in rest["params"]} == trainable - theta and rest["lr"] == 2e-3
+    (single,) = optimizer_of(1.0).param_groups
+    assert {id(p) for p in single["params"]} == trainable
+    with pytest.raises(ValueError, match="theta_lr_scale=0 must be a positive number"):
+        optimizer_of(0)
