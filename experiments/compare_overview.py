@@ -75,20 +75,23 @@ def markdown(rows: list[dict[str, Any]], summaries: dict, missing: list[str]) ->
         "Gap: CoA-LoRA − the best other method, with its paired interval. Time: CoA-LoRA's "
         "training time over each per-budget method's (goal ≤ 0.5). Low budgets: where "
         "CoA-LoRA beats Shared-LoRA with the paired interval above 0 (goal: all of "
-        f"{', '.join(f'{b:g}' for b in LOW_BUDGETS)} bits on at least {TASKS_NEEDED} tasks).",
+        f"{', '.join(f'{b:g}' for b in LOW_BUDGETS)} bits on at least {TASKS_NEEDED} tasks). "
+        "Stops: every fit of the report stops once this has not improved for that many epochs.",
         "",
-        "| task | "
+        "| task | stops | "
         + " | ".join(LABELS[m] for m in METHODS)
         + " | gap to the best other | time vs QLoRA | time vs LQ-LoRA | low budgets won |",
-        "|---" * (len(METHODS) + 5) + "|",
+        "|---" * (len(METHODS) + 6) + "|",
     ]
     for row in rows:
         methods = summaries[row["name"]]["methods"]
         hvs = " | ".join(f"{methods[m]['hv']:.4f} ± {methods[m]['hv_sd']:.4f}" for m in METHODS)
         lo, hi = row["hv_gap_interval"]
         won = ", ".join(f"{b:g}" for b in row["low_wins"]) or "none"
+        setup = row["setup"]
+        stops = f"{setup['stop_monitor']}, {setup['patience']}"
         lines.append(
-            f"| [{row['name']}]({row['name']}/report.md) | {hvs} | {row['hv_gap']:+.4f} "
+            f"| [{row['name']}]({row['name']}/report.md) | {stops} | {hvs} | {row['hv_gap']:+.4f} "
             f"[{lo:+.4f}, {hi:+.4f}] vs {LABELS[row['best']]} | "
             f"{row['time_ratio']['qlora']:.2f} | {row['time_ratio']['lqlora']:.2f} | {won} |"
         )

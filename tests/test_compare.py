@@ -194,6 +194,7 @@ def test_overview_gathers_the_reports_and_the_goals_across_tasks(sweep, tmp_path
     # Both reports are SST-2: one task, however many quantizers.
     assert "on at least 2 tasks: missed (1 task(s) of 1; reports: task-a, task-b)" in text
     assert "Not yet run with several seeds: task-c." in text
+    assert "| [task-a](task-a/report.md) | val/loss, 1 | " in text
     assert "- task-a: mean HV ≥ the best other's met (+0.0050); time ≤ 0.5× missed" in text
     assert (results / "comparison_overview.png").stat().st_size > 10_000
     other_task = json.loads((results / "task-b" / "summary.json").read_text())
