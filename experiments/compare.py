@@ -15,9 +15,11 @@ other, hypervolumes with their spread over seeds, the grid's validation scores a
 
 Each job (method, learning rate, seed) runs ``coalora.run`` in its own folder
 ``<sweep>/<method>/lr_<lr>/seed_<seed>``; a job whose ``summary.json`` exists is collected,
-not rerun, so an interrupted sweep resumes where it stopped. ``--jobs 2`` runs two jobs side
-by side. Every argument that is not an option is a Hydra override of every job. The default
-output folder is ``experiments/results/<task>-<model>-<quant>``.
+not rerun, so an interrupted sweep resumes where it stopped. A job's report needs only its
+small files (``summary.json``, ``job.json``, ``eval/examples.npz``, ``.hydra/``, the CSV
+logs), so a sweep folder moved without its checkpoints resumes and reports elsewhere.
+``--jobs 2`` runs two jobs side by side. Every argument that is not an option is a Hydra
+override of every job. The default output folder is ``experiments/results/<task>-<model>-<quant>``.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -61,7 +64,8 @@ def job_dir(sweep_dir: Path, method: str, lr: float, seed: int) -> Path:
 
 def run_job(overrides: list[str], folder: Path, method: str, lr: float, seed: int) -> Path:
     """Train and evaluate one (method, learning rate, seed) job in ``folder``, unless its
-    ``summary.json`` exists; an unfinished folder is cleared and the job run again."""
+    ``summary.json`` exists; an unfinished folder is cleared and the job run again. Its start
+    and end times go to ``job.json`` (what :func:`sweep_minutes` reads)."""
     if (folder / "summary.json").is_file():
         return folder
     if folder.exists():
@@ -78,8 +82,11 @@ def run_job(overrides: list[str], folder: Path, method: str, lr: float, seed: in
         f"hydra.run.dir={folder}",
     ]
     print("running:", " ".join(command), flush=True)
+    started = time.time()
     with (folder.parent / f"{folder.name}.log").open("w") as log:
         subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT)
+    times = {"started": started, "finished": time.time()}
+    (folder / "job.json").write_text(json.dumps(times) + "\n")
     return folder
 
 
@@ -195,11 +202,16 @@ def setup_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def sweep_minutes(runs: list[dict[str, Any]]) -> dict[str, float]:
-    """``count`` jobs; ``jobs``: their wall time summed (each from its Hydra config to its
-    summary being written), and ``span``: from the first job's start to the last one's end, in
-    minutes (the span is the sweep's wall time when it ran without a pause)."""
-    starts = [(r["dir"] / ".hydra" / "config.yaml").stat().st_mtime for r in runs]
-    ends = [(r["dir"] / "summary.json").stat().st_mtime for r in runs]
+    """``count`` jobs; ``jobs``: their wall time summed, and ``span``: from the first job's
+    start to the last one's end, in minutes (the sweep's wall time when it ran without a
+    pause); from each job's ``job.json``."""
+    times = []
+    for r in runs:
+        path = r["dir"] / "job.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: the job's start and end times are unknown")
+        times.append(json.loads(path.read_text()))
+    starts, ends = [t["started"] for t in times], [t["finished"] for t in times]
     jobs = sum(end - start for start, end in zip(starts, ends, strict=True))
     return {"count": len(runs), "jobs": jobs / 60, "span": (max(ends) - min(starts)) / 60}
 

@@ -2,7 +2,6 @@
 
 import importlib.util
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -87,8 +86,7 @@ def fake_job(root: Path, method: str, lr: float, seed: int, accuracy: float) -> 
     OmegaConf.save(hydra, job / ".hydra" / "hydra.yaml")
     # The job started at 1000 + 100·seed s and took 60 s (what the report's timing reads).
     start = 1000.0 + 100 * seed
-    os.utime(job / ".hydra" / "config.yaml", (start, start))
-    os.utime(job / "summary.json", (start + 60, start + 60))
+    (job / "job.json").write_text(json.dumps({"started": start, "finished": start + 60}))
 
 
 ACCURACY = {"qlora": 0.80, "lqlora": 0.81, "shared": 0.70, "coalora": 0.82}
@@ -150,6 +148,8 @@ def test_finished_jobs_are_collected_not_rerun(sweep, monkeypatch):
     (command,) = started
     assert command[-1] == f"hydra.run.dir={unfinished}"
     assert "method=shared" in command and "seed=2" in command and "task=sst2" in command
+    times = json.loads((unfinished / "job.json").read_text())
+    assert times["started"] <= times["finished"]
     old = compare.job_dir(sweep, "qlora", 2e-4, 0) / ".hydra" / "config.yaml"
     config = OmegaConf.load(old)
     config.callbacks.early_stopping.monitor = "val/metric"  # a job under an older rule
@@ -175,6 +175,9 @@ def test_report_rejects_mixed_or_incomplete_sweeps(sweep, tmp_path):
         compare.compare(runs, compare.setup_of(runs))
     with pytest.raises(FileNotFoundError, match="no finished job"):
         compare.load_runs(tmp_path / "empty")
+    (compare.job_dir(sweep, "qlora", 5e-4, 1) / "job.json").unlink()
+    with pytest.raises(FileNotFoundError, match="start and end times are unknown"):
+        compare.setup_of(compare.load_runs(sweep))
 
 
 def test_overview_gathers_the_reports_and_the_goals_across_tasks(sweep, tmp_path):
