@@ -184,10 +184,10 @@ def setup_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "batch_size": lambda r: r["config"].data.batch_size,
         "rank": lambda r: r["config"].method.rank,
         "test_samples": lambda r: r["summary"]["results"][0]["num_samples"],
+        "test_subsampled": lambda r: r["config"].data.max_eval_samples is not None,
         "budgets": lambda r: list(r["config"].eval.budgets),
         "hv_of": lambda r: r["summary"].get("hv_of", r["summary"]["metric"]),
         "vocab_size": lambda r: r["summary"].get("vocab_size"),
-        "reference": lambda r: r["summary"].get("reference", {}),
     }
     setup = {}
     for name, get in fields.items():
@@ -196,9 +196,30 @@ def setup_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
             raise ValueError(f"the jobs differ in {name}: {sorted(values)}; compare like with like")
         setup[name] = json.loads(values.pop())
     setup["seeds"] = sorted({r["seed"] for r in runs})
+    setup["reference"] = reference_of(runs)
     setup["lrs"] = sorted({r["lr"] for r in runs})
     setup["minutes"] = sweep_minutes(runs)
     return setup
+
+
+def reference_of(runs: list[dict[str, Any]]) -> dict[str, float]:
+    """The reference metrics by label, averaged over seeds. A seeded test sub-sample differs
+    between seeds (methods are compared within a seed, on the same examples), so the reference
+    may differ between seeds but not between the jobs of one seed."""
+    per_seed: dict[int, set[str]] = defaultdict(set)
+    for r in runs:
+        per_seed[r["seed"]].add(json.dumps(r["summary"].get("reference", {}), sort_keys=True))
+    for seed, values in per_seed.items():
+        if len(values) != 1:
+            raise ValueError(
+                f"the jobs of seed {seed} differ in reference: {sorted(values)}; "
+                "compare like with like"
+            )
+    references = [json.loads(values.pop()) for _, values in sorted(per_seed.items())]
+    labels = set(references[0])
+    if any(set(ref) != labels for ref in references):
+        raise ValueError(f"the seeds report different references: {references}")
+    return {label: statistics.mean(ref[label] for ref in references) for label in sorted(labels)}
 
 
 def sweep_minutes(runs: list[dict[str, Any]]) -> dict[str, float]:
@@ -521,10 +542,13 @@ def markdown(comparison: dict, setup: dict, grid: dict, command: str) -> str:
     lower = setup["metric"] in LOWER_IS_BETTER
     unit = f"blocks of {setup['max_length']} tokens" if lower else "examples"
     score = setup["hv_of"] if setup["hv_of"] != setup["metric"] else setup["metric"]
+    subsampled = setup["test_subsampled"]
     reference = "".join(
-        f" Reference: the {label} pre-trained model scores {value:.4f} on the same test set."
+        f" Reference: the {label} pre-trained model scores {value:.4f} on the same test "
+        f"{'sets (mean over seeds)' if subsampled else 'set'}."
         for label, value in setup["reference"].items()
     )
+    drawn = " (a sub-sample drawn with each seed; methods compare on the same one)"
     lrs = ", ".join(f"{lr:g}" for lr in setup["lrs"])
     names = {"val/loss": "validation loss", "val/metric": f"validation {setup['metric']}"}
     monitored = names.get(setup["stop_monitor"], setup["stop_monitor"])
@@ -535,7 +559,8 @@ def markdown(comparison: dict, setup: dict, grid: dict, command: str) -> str:
         "",
         f"Setup: {samples} training {unit} and {setup['val_samples']} validation {unit} carved "
         f"from the training data, seeds {seeds}, batch {setup['batch_size']}, max length "
-        f"{setup['max_length']}, rank {setup['rank']}; test set: {setup['test_samples']} {unit}. "
+        f"{setup['max_length']}, rank {setup['rank']}; test set: {setup['test_samples']} {unit}"
+        f"{drawn if subsampled else ''}. "
         f"Protocol: every method gets the learning-rate grid {{{lrs}}}, each point trained with "
         f"seed {setup['seeds'][0]}; the method keeps the point with the best hypervolume on the "
         "validation split, and the other seeds train at it. Every fit trains until its "

@@ -70,7 +70,8 @@ def fake_job(root: Path, method: str, lr: float, seed: int, accuracy: float) -> 
         )
     config = {
         "seed": seed,
-        "data": {"max_train_samples": 1000, "val_size": 256, "max_length": 128, "batch_size": 32},
+        "data": {"max_train_samples": 1000, "val_size": 256, "max_length": 128, "batch_size": 32}
+        | {"max_eval_samples": None},
         "trainer": {"max_epochs": 6},
         "callbacks": {"early_stopping": {"patience": 1, "monitor": "val/loss"}},
         "method": {"rank": 16, "optimizer": {"lr": lr}},
@@ -178,6 +179,16 @@ def test_report_rejects_mixed_or_incomplete_sweeps(sweep, tmp_path):
     (compare.job_dir(sweep, "qlora", 5e-4, 1) / "job.json").unlink()
     with pytest.raises(FileNotFoundError, match="start and end times are unknown"):
         compare.setup_of(compare.load_runs(sweep))
+
+
+def test_a_reference_may_differ_between_seeds_but_not_within_one(sweep):
+    runs = compare.load_runs(sweep)
+    for r in runs:  # a seeded test sub-sample: each seed's reference is its own
+        r["summary"]["reference"] = {"unquantized": 90.0 + r["seed"]}
+    assert compare.reference_of(runs) == {"unquantized": pytest.approx(91.0)}
+    runs[0]["summary"]["reference"] = {"unquantized": 50.0}
+    with pytest.raises(ValueError, match=f"the jobs of seed {runs[0]['seed']} differ in reference"):
+        compare.reference_of(runs)
 
 
 def test_overview_gathers_the_reports_and_the_goals_across_tasks(sweep, tmp_path):
