@@ -200,3 +200,13 @@ class SVDInit(LoraInit):
     ) -> None:
         choice = plan.lora_reference(space, run, self.reference_budget)
         model.init_lora_from_residual(choice, self.iterations)
+
+
+def init_for_task(task_kind: str, **by_kind: LoraInit) -> LoraInit:
+    """The initialisation ``by_kind`` gives ``task_kind`` (``method/init=by_task``)."""
+    if task_kind not in by_kind:
+        raise ValueError(
+            f"task kind {task_kind!r} has no initialisation in method.init; "
+            f"it names {sorted(by_kind)}"
+        )
+    return by_kind[task_kind]

@@ -30,7 +30,9 @@ from scipy.stats import t as t_dist
 VARIANTS: dict[str, list[str]] = {
     "baseline": [],
     "svd_init_4bit": ["method/init=svd", "method.init.reference_budget=4.0"],
+    "svd_init_3bit": ["method/init=svd", "method.init.reference_budget=3.0"],
     "svd_init_2.5bit": ["method/init=svd", "method.init.reference_budget=2.5"],
+    "svd_init_3bit_frozen": ["method/init=svd", "method.init.reference_budget=3", "search=frozen"],
     "k1": ["method.configs_per_step=1"],
     "numeric_inputs": ["method.numeric_inputs=true"],
     "theta_hidden64": ["method.hidden_dim=64"],

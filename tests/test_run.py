@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from hydra.errors import ConfigCompositionException
+from hydra.errors import ConfigCompositionException, InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 import coalora.pipeline
 from coalora.evaluation import read_results
+from coalora.methods import LoraInit, SVDInit
 from coalora.model.backbone import QuantizedLoRAModel
 from coalora.pareto import segmented_pareto_filter
 from coalora.quant import ConfigSpace, ErrorTable, config_space
@@ -268,6 +269,21 @@ def test_training_runs_follow_the_method(space):
         runs("method/plan=all")
     with pytest.raises(ValueError, match="method=qlora trains a fixed set.*not search=pareto_gp"):
         runs("method=qlora", "search=pareto_gp")
+
+
+def test_each_method_starts_its_lora_factors_as_configured():
+    def init(*overrides):
+        return instantiate(compose_config(["debug=fast", *overrides]).method.init)
+
+    # CoA-LoRA's default follows the task kind's ablation; the baselines keep their own.
+    assert type(init("method=coalora", "task=sst2")) is LoraInit
+    lm_init = init("method=coalora", "task=wikitext2", "model=smollm2")
+    assert isinstance(lm_init, SVDInit) and lm_init.reference_budget == 3.0
+    for method, kind in [("qlora", LoraInit), ("shared", LoraInit), ("lqlora", SVDInit)]:
+        assert type(init(f"method={method}", "task=wikitext2", "model=smollm2")) is kind
+    assert type(init("method=coalora", "task=wikitext2", "method/init=standard")) is LoraInit
+    with pytest.raises(InstantiationException, match="task kind .regression. has no initiali"):
+        init("method=coalora", "+task.kind=regression")
 
 
 @pytest.mark.parametrize(
