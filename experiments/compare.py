@@ -34,6 +34,7 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -189,12 +190,7 @@ def setup_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "hv_of": lambda r: r["summary"].get("hv_of", r["summary"]["metric"]),
         "vocab_size": lambda r: r["summary"].get("vocab_size"),
     }
-    setup = {}
-    for name, get in fields.items():
-        values = {json.dumps(get(r)) for r in runs}
-        if len(values) != 1:
-            raise ValueError(f"the jobs differ in {name}: {sorted(values)}; compare like with like")
-        setup[name] = json.loads(values.pop())
+    setup = {name: shared_value(runs, name, get) for name, get in fields.items()}
     setup["seeds"] = sorted({r["seed"] for r in runs})
     setup["reference"] = reference_of(runs)
     setup["lrs"] = sorted({r["lr"] for r in runs})
@@ -202,24 +198,27 @@ def setup_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return setup
 
 
+def shared_value(runs: list[dict[str, Any]], name: str, get: Callable[[dict], Any]) -> Any:
+    """``get``'s value, the same for every job of ``runs``; raises naming ``name`` if not."""
+    values = {json.dumps(get(r), sort_keys=True) for r in runs}
+    if len(values) != 1:
+        raise ValueError(f"the jobs differ in {name}: {sorted(values)}; compare like with like")
+    return json.loads(values.pop())
+
+
 def reference_of(runs: list[dict[str, Any]]) -> dict[str, float]:
     """The reference metrics by label, averaged over seeds. A seeded test sub-sample differs
     between seeds (methods are compared within a seed, on the same examples), so the reference
     may differ between seeds but not between the jobs of one seed."""
-    per_seed: dict[int, set[str]] = defaultdict(set)
-    for r in runs:
-        per_seed[r["seed"]].add(json.dumps(r["summary"].get("reference", {}), sort_keys=True))
-    for seed, values in per_seed.items():
-        if len(values) != 1:
-            raise ValueError(
-                f"the jobs of seed {seed} differ in reference: {sorted(values)}; "
-                "compare like with like"
-            )
-    references = [json.loads(values.pop()) for _, values in sorted(per_seed.items())]
-    labels = set(references[0])
-    if any(set(ref) != labels for ref in references):
-        raise ValueError(f"the seeds report different references: {references}")
-    return {label: statistics.mean(ref[label] for ref in references) for label in sorted(labels)}
+    references = [
+        shared_value(
+            [r for r in runs if r["seed"] == seed],
+            f"reference (seed {seed})",
+            lambda r: r["summary"].get("reference", {}),
+        )
+        for seed in sorted({r["seed"] for r in runs})
+    ]
+    return {label: statistics.mean(ref[label] for ref in references) for label in references[0]}
 
 
 def sweep_minutes(runs: list[dict[str, Any]]) -> dict[str, float]:
@@ -543,12 +542,12 @@ def markdown(comparison: dict, setup: dict, grid: dict, command: str) -> str:
     unit = f"blocks of {setup['max_length']} tokens" if lower else "examples"
     score = setup["hv_of"] if setup["hv_of"] != setup["metric"] else setup["metric"]
     subsampled = setup["test_subsampled"]
+    drawn = " (a sub-sample drawn with each seed; methods compare on the same one)"
     reference = "".join(
         f" Reference: the {label} pre-trained model scores {value:.4f} on the same test "
         f"{'sets (mean over seeds)' if subsampled else 'set'}."
         for label, value in setup["reference"].items()
     )
-    drawn = " (a sub-sample drawn with each seed; methods compare on the same one)"
     lrs = ", ".join(f"{lr:g}" for lr in setup["lrs"])
     names = {"val/loss": "validation loss", "val/metric": f"validation {setup['metric']}"}
     monitored = names.get(setup["stop_monitor"], setup["stop_monitor"])

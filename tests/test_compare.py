@@ -70,8 +70,13 @@ def fake_job(root: Path, method: str, lr: float, seed: int, accuracy: float) -> 
         )
     config = {
         "seed": seed,
-        "data": {"max_train_samples": 1000, "val_size": 256, "max_length": 128, "batch_size": 32}
-        | {"max_eval_samples": None},
+        "data": {
+            "max_train_samples": 1000,
+            "val_size": 256,
+            "max_length": 128,
+            "batch_size": 32,
+            "max_eval_samples": None,
+        },
         "trainer": {"max_epochs": 6},
         "callbacks": {"early_stopping": {"patience": 1, "monitor": "val/loss"}},
         "method": {"rank": 16, "optimizer": {"lr": lr}},
@@ -187,7 +192,8 @@ def test_a_reference_may_differ_between_seeds_but_not_within_one(sweep):
         r["summary"]["reference"] = {"unquantized": 90.0 + r["seed"]}
     assert compare.reference_of(runs) == {"unquantized": pytest.approx(91.0)}
     runs[0]["summary"]["reference"] = {"unquantized": 50.0}
-    with pytest.raises(ValueError, match=f"the jobs of seed {runs[0]['seed']} differ in reference"):
+    seed = runs[0]["seed"]
+    with pytest.raises(ValueError, match=rf"the jobs differ in reference \(seed {seed}\)"):
         compare.reference_of(runs)
 
 
