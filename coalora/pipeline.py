@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,7 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 import coalora.resolvers  # noqa: F401  (registers the config resolvers)
@@ -20,6 +22,7 @@ from coalora.checkpoints import finished_epochs, run_identity
 from coalora.cli import check_launch
 from coalora.data import Task, build_metric
 from coalora.evaluation.evaluate import evaluate_configurations, score_model
+from coalora.fit_results import load_fit_result, save_fit_result
 from coalora.methods import LoraInit, TrainingPlan, TrainingRun
 from coalora.model.backbone import QuantizedLoRAModel
 from coalora.model.hub import load_backbone
@@ -29,6 +32,8 @@ from coalora.quant import ConfigSpace, ErrorTable, cached_error_table, diagonal_
 from coalora.serve.run_files import write_serving_files
 from coalora.summary import RunResult
 from coalora.wandb_logging import log_to_wandb, wandb_run_name
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -153,10 +158,7 @@ def fit_and_evaluate(exp: Experiment, run: TrainingRun) -> RunResult:
     """Train one run and evaluate it on the configurations its plan names. Training time
     counts the LoRA initialisation, the fit and the search; loggers, checkpoints and search
     reports go to the run's folder."""
-    cfg, task, datamodule = exp.cfg, exp.task, exp.datamodule
-    if run.name:
-        cfg = copy.deepcopy(cfg)
-        cfg.paths.output_dir = str(Path(cfg.paths.output_dir) / run.name)
+    cfg, task, datamodule = fit_config(exp.cfg, run), exp.task, exp.datamodule
     L.seed_everything(cfg.seed, workers=True)
     model = QuantizedLoRAModel.from_run_config(load_backbone(cfg.model, datamodule.num_labels), cfg)
     start = time.perf_counter()
@@ -253,11 +255,32 @@ def unquantized_score(exp: Experiment, model: QuantizedLoRAModel) -> float:
     return score_model(model, loader, build_metric(exp.task), exp.task.metric_inputs)[0]
 
 
+def fit_config(cfg: DictConfig, run: TrainingRun) -> DictConfig:
+    """The configuration of one fit: a named run (a per-budget fit) writes to its own folder."""
+    if not run.name:
+        return cfg
+    cfg = copy.deepcopy(cfg)
+    cfg.paths.output_dir = str(Path(cfg.paths.output_dir) / run.name)
+    return cfg
+
+
 def fit_all(exp: Experiment, runs: list[TrainingRun]) -> list[RunResult]:
-    """Every fit in turn; each finished fit is freed before the next starts."""
+    """Every fit in turn; each finished fit is freed before the next starts. A fit whose
+    result its folder holds (``fit_result.pt``, same settings) is read, not trained again, so
+    a run stopped between fits resumes; every fit starts from the same seed, so the fits
+    trained after it are the ones an uninterrupted run trains."""
     results = []
     for run in runs:
-        results.append(fit_and_evaluate(exp, run))
+        cfg = fit_config(exp.cfg, run)
+        config = OmegaConf.to_container(cfg, resolve=True)
+        result = load_fit_result(cfg.paths.output_dir, config)
+        if result is not None:
+            log.info("%s: read the finished fit in %s", run.name or "fit", cfg.paths.output_dir)
+        else:
+            result = fit_and_evaluate(exp, run)
+            if rank_zero_only.rank == 0:
+                save_fit_result(cfg.paths.output_dir, config, result)
+        results.append(result)
         exp.datamodule.trainer = None  # the shared data module would keep the fit alive
         release_memory()
     return results

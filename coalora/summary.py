@@ -61,6 +61,9 @@ class RunResult:
     """The same configurations scored on the validation split (carved from training data)."""
     best_epoch: int | None = None
     """The epoch evaluated when the best validation epoch was restored (None: the last)."""
+    loaded: bool = False
+    """Read from the fit's folder by a resumed run (:mod:`coalora.fit_results`), not trained
+    by this process."""
 
 
 def hv_score(task: Task, datamodule: L.LightningDataModule) -> functools.partial | None:
@@ -106,7 +109,8 @@ def write_reports(
     per-budget methods, of the metric or of its ``score`` (see :func:`hv_score`).
     ``train_seconds`` is the total over runs, the cost of serving every evaluation budget.
     ``reference`` holds metrics drawn as reference lines (see :func:`unquantized_reference`);
-    ``memory`` the peak memory of training and evaluation (:class:`coalora.memory.PeakMemory`).
+    ``memory`` the peak memory of training and evaluation (:class:`coalora.memory.PeakMemory`;
+    a resumed run's fits read from disk are not in it).
     ``device`` is where the first run trained and was evaluated (each run's own is in
     ``runs``, with its frozen target weights' MiB as stored), ``reference_device`` where the
     reference was scored.
@@ -159,6 +163,7 @@ def write_reports(
                 "device": r.device,
                 "frozen_target_mib": r.frozen_mib,
                 "best_epoch": r.best_epoch,
+                "loaded": r.loaded,
             }
             for r in results
         ],

@@ -15,7 +15,8 @@ other, hypervolumes with their spread over seeds, the grid's validation scores a
 
 Each job (method, learning rate, seed) runs ``coalora.run`` in its own folder
 ``<sweep>/<method>/lr_<lr>/seed_<seed>``; a job whose ``summary.json`` exists is collected,
-not rerun, so an interrupted sweep resumes where it stopped. A job's report needs only its
+not rerun, and a stopped per-budget job keeps its finished fits, so an interrupted sweep
+resumes where it stopped. A job's report needs only its
 small files (``summary.json``, ``job.json``, ``eval/examples.npz``, ``.hydra/``, the CSV
 logs), so a sweep folder moved without its checkpoints resumes and reports elsewhere.
 ``--jobs 2`` runs two jobs side by side. Every argument that is not an option is a Hydra
@@ -47,6 +48,7 @@ from matplotlib.ticker import MaxNLocator
 from omegaconf import OmegaConf
 
 from coalora.data import LOWER_IS_BETTER
+from coalora.fit_results import FIT_RESULT
 
 METHODS = ("qlora", "lqlora", "shared", "coalora")
 LABELS = {"qlora": "QLoRA", "lqlora": "LQ-LoRA", "shared": "Shared-LoRA", "coalora": "CoA-LoRA"}
@@ -65,13 +67,13 @@ def job_dir(sweep_dir: Path, method: str, lr: float, seed: int) -> Path:
 
 def run_job(overrides: list[str], folder: Path, method: str, lr: float, seed: int) -> Path:
     """Train and evaluate one (method, learning rate, seed) job in ``folder``, unless its
-    ``summary.json`` exists; an unfinished folder is cleared and the job run again. Its start
-    and end times go to ``job.json`` (what :func:`sweep_minutes` reads)."""
+    ``summary.json`` exists; an unfinished job runs again, keeping the fits it finished
+    (:func:`clear_unfinished`). Its start and end times go to ``job.json`` (what
+    :func:`sweep_minutes` reads)."""
     if (folder / "summary.json").is_file():
         return folder
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
+    clear_unfinished(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     command = [
         sys.executable,
         "-m",
@@ -84,11 +86,26 @@ def run_job(overrides: list[str], folder: Path, method: str, lr: float, seed: in
     ]
     print("running:", " ".join(command), flush=True)
     started = time.time()
-    with (folder.parent / f"{folder.name}.log").open("w") as log:
+    with (folder.parent / f"{folder.name}.log").open("a") as log:
         subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT)
     times = {"started": started, "finished": time.time()}
     (folder / "job.json").write_text(json.dumps(times) + "\n")
     return folder
+
+
+def clear_unfinished(folder: Path) -> None:
+    """Remove what a stopped job left in ``folder`` except its finished fits (a folder with
+    ``fit_result.pt``, which ``coalora.run`` reads instead of training it again): an
+    unfinished fit's logs and checkpoints start afresh."""
+    if not folder.exists() or (folder / FIT_RESULT).is_file():
+        return
+    for entry in folder.iterdir():
+        if (entry / FIT_RESULT).is_file():
+            continue
+        if entry.is_dir():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
 def run_jobs(overrides: list[str], jobs: list[tuple[str, float, int]], sweep: Path, n: int) -> None:
@@ -224,7 +241,8 @@ def reference_of(runs: list[dict[str, Any]]) -> dict[str, float]:
 def sweep_minutes(runs: list[dict[str, Any]]) -> dict[str, float]:
     """``count`` jobs; ``jobs``: their wall time summed, and ``span``: from the first job's
     start to the last one's end, in minutes (the sweep's wall time when it ran without a
-    pause); from each job's ``job.json``."""
+    pause); from each job's ``job.json``. A resumed job's wall time is its last attempt's
+    plus the training and evaluation time of the fits it read from earlier attempts."""
     times = []
     for r in runs:
         path = r["dir"] / "job.json"
@@ -232,7 +250,12 @@ def sweep_minutes(runs: list[dict[str, Any]]) -> dict[str, float]:
             raise FileNotFoundError(f"{path} is missing: the job's start and end times are unknown")
         times.append(json.loads(path.read_text()))
     starts, ends = [t["started"] for t in times], [t["finished"] for t in times]
-    jobs = sum(end - start for start, end in zip(starts, ends, strict=True))
+    jobs = sum(end - start for start, end in zip(starts, ends, strict=True)) + sum(
+        fit["train_seconds"] + fit["eval_seconds"]
+        for r in runs
+        for fit in r["summary"]["runs"]
+        if fit.get("loaded")
+    )
     return {"count": len(runs), "jobs": jobs / 60, "span": (max(ends) - min(starts)) / 60}
 
 

@@ -166,6 +166,27 @@ def test_finished_jobs_are_collected_not_rerun(sweep, monkeypatch):
     assert started == []  # refused before any job ran
 
 
+def test_a_stopped_per_budget_job_keeps_its_finished_fits(sweep, monkeypatch):
+    started = []
+    monkeypatch.setattr(compare.subprocess, "run", lambda cmd, **kw: started.append(cmd))
+    job = compare.job_dir(sweep, "qlora", 5e-4, 2)
+    (job / "summary.json").unlink()
+    (job / "budget_2.5" / compare.FIT_RESULT).write_bytes(b"a finished fit")
+    compare.run_sweep([], sweep, [2e-4, 5e-4], [0, 1, 2], 1)
+    assert len(started) == 1 and started[0][-1] == f"hydra.run.dir={job}"
+    assert sorted(p.name for p in job.iterdir()) == ["budget_2.5", "job.json"]
+    assert (job / "budget_2.5" / compare.FIT_RESULT).read_bytes() == b"a finished fit"
+    assert (job / "budget_2.5" / "csv").is_dir()  # a finished fit's logs stay with it
+
+
+def test_a_resumed_job_counts_the_time_of_the_fits_it_read(sweep):
+    runs = compare.load_runs(sweep)
+    before = compare.sweep_minutes(runs)["jobs"]
+    fit = runs[0]["summary"]["runs"][0]
+    fit |= {"loaded": True, "train_seconds": 90.0, "eval_seconds": 30.0}
+    assert compare.sweep_minutes(runs)["jobs"] == pytest.approx(before + 2.0)
+
+
 def test_report_rejects_mixed_or_incomplete_sweeps(sweep, tmp_path):
     runs = compare.load_runs(sweep)
     runs[0]["config"].trainer.max_epochs = 3
