@@ -134,10 +134,11 @@ def test_search_reports_every_epoch(fast_run):
         )
         assert report["training_set"] == [rows[i] for i in kept]
         assert report["pool_hypervolume"] > 0 and report["seconds"] > 0
+        assert 0 < report["scoring_seconds"] < report["seconds"]
     for before, after in itertools.pairwise(reports):
         assert [r["config"] for r in after["pool"]] == [r["config"] for r in before["training_set"]]
     metrics = (out / "csv" / "version_0" / "metrics.csv").read_text().splitlines()[0].split(",")
-    names = ("train_set_size", "bits_min", "bits_max", "pool_hv", "seconds")
+    names = ("train_set_size", "bits_min", "bits_max", "pool_hv", "seconds", "scoring_seconds")
     assert {f"search/{name}" for name in names} <= set(metrics)
 
 
@@ -177,6 +178,7 @@ def test_resume_continues_exactly(glue_overrides, tmp_path):
     assert search_report(resumed, 0) == {
         **search_report(straight, 0),
         "seconds": search_report(resumed, 0)["seconds"],
+        "scoring_seconds": search_report(resumed, 0)["scoring_seconds"],
     }
 
 

@@ -35,7 +35,8 @@ class ParetoSearchCallback(L.Callback):
     The round after epoch k writes ``<dirpath>/epoch_<k>.json`` (pool, proposals and training
     set with their bits and losses, the pool hypervolume, acquisition evaluations, seconds) and
     a plot ``epoch_<k>.png``, and logs ``search/train_set_size``, ``search/bits_min``,
-    ``search/bits_max``, ``search/pool_hv`` and ``search/seconds`` (and the plot to W&B). Both
+    ``search/bits_max``, ``search/pool_hv``, ``search/seconds`` and ``search/scoring_seconds``
+    (and the plot to W&B). Both
     files are written atomically (a temporary file renamed into place).
 
     Ordering: Lightning calls ``on_train_epoch_start`` of callbacks before the module's, which
@@ -112,6 +113,7 @@ class ParetoSearchCallback(L.Callback):
             "search/bits_max": max(kept_bits),
             "search/pool_hv": result.pool_hypervolume,
             "search/seconds": result.seconds,
+            "search/scoring_seconds": result.scoring_seconds,
         }
         for logger in trainer.loggers:  # rank 0 alone has them: straight to the loggers
             logger.log_metrics(metrics, step=trainer.global_step)

@@ -40,6 +40,8 @@ class SearchRound:
         pool_hypervolume: hypervolume of the pool, see :meth:`ParetoGPSearch.pool_hypervolume`.
         acquisition_evaluations: acquisition evaluations spent by the walk (0 for random).
         seconds: wall time of the round, scoring included.
+        scoring_seconds: the part of ``seconds`` spent scoring configurations (forward
+            passes of the model in a run); the rest is the search's own work.
     """
 
     configs: list[Choice]
@@ -50,6 +52,7 @@ class SearchRound:
     pool_hypervolume: float
     acquisition_evaluations: int
     seconds: float
+    scoring_seconds: float
 
     def to_dict(self) -> dict[str, Any]:
         def rows(indices: Sequence[int]) -> list[dict[str, Any]]:
@@ -65,6 +68,7 @@ class SearchRound:
             "pool_hypervolume": self.pool_hypervolume,
             "acquisition_evaluations": self.acquisition_evaluations,
             "seconds": self.seconds,
+            "scoring_seconds": self.scoring_seconds,
         }
 
 
@@ -228,13 +232,17 @@ class ParetoGPSearch:
         """Run one round and make its result the pool; returns what the round saw and chose."""
         start = time.perf_counter()
         bits = self.bits(self.configs)
+        scored = time.perf_counter()
         losses = self._scores(score, self.configs)
+        scoring = time.perf_counter() - scored
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(torch.randint(2**62, (1,), generator=self.generator)))
             proposals, evaluations = self.propose(bits, losses)
         configs = self.configs + proposals
         bits = np.concatenate([bits, self.bits(proposals)])
+        scored = time.perf_counter()
         losses = np.concatenate([losses, self._scores(score, proposals)])
+        scoring += time.perf_counter() - scored
         kept = segmented_pareto_filter(
             bits, losses, self.bits_low, self.bits_high, self.segments
         ).tolist()
@@ -253,6 +261,7 @@ class ParetoGPSearch:
             pool_hv,
             evaluations,
             time.perf_counter() - start,
+            scoring,
         )
         self.configs = [configs[i] for i in kept]
         self.losses = [float(losses[i]) for i in kept]
