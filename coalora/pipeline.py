@@ -22,7 +22,7 @@ from coalora.checkpoints import finished_epochs, run_identity
 from coalora.cli import check_launch
 from coalora.data import Task, build_metric
 from coalora.evaluation.evaluate import evaluate_configurations, score_model
-from coalora.fit_results import load_fit_result, save_fit_result
+from coalora.fit_results import fit_settings, load_fit_result, save_fit_result, stopped_attempt
 from coalora.methods import LoraInit, TrainingPlan, TrainingRun
 from coalora.model.backbone import QuantizedLoRAModel
 from coalora.model.hub import load_backbone
@@ -118,7 +118,9 @@ def interruption_message(trainer: L.Trainer, run: TrainingRun) -> str:
     last = Path(getattr(trainer.checkpoint_callback, "last_model_path", "") or "")
     if not last.is_file():
         return f"{where}, before any epoch finished: there is no checkpoint to resume from"
-    again = f" eval.budgets=[{run.budget}]" if run.budget is not None else ""
+    # A per-budget fit resumes alone, in its run's folder (the run then reads it when resumed).
+    again = f" eval.budgets=[{run.budget}] hydra.run.dir={last.resolve().parents[2]}"
+    again = again if run.budget is not None else ""
     return (
         f"{where}; the checkpoint of its first {finished_epochs(last)} finished epoch(s) is "
         f"kept: resume with the same settings and ckpt_path={last.resolve()}{again}"
@@ -266,24 +268,52 @@ def fit_config(cfg: DictConfig, run: TrainingRun) -> DictConfig:
 
 def fit_all(exp: Experiment, runs: list[TrainingRun]) -> list[RunResult]:
     """Every fit in turn; each finished fit is freed before the next starts. A fit whose
-    result its folder holds (``fit_result.pt``, same settings) is read, not trained again, so
-    a run stopped between fits resumes; every fit starts from the same seed, so the fits
-    trained after it are the ones an uninterrupted run trains."""
+    folder holds its result (``fit_result.pt``, same settings; see :func:`saved_fits`) is
+    read, not trained again, so a run stopped between fits resumes; every fit starts from the
+    same seed, so the fits trained after it are the ones an uninterrupted run trains."""
     results = []
-    for run in runs:
-        cfg = fit_config(exp.cfg, run)
-        config = OmegaConf.to_container(cfg, resolve=True)
-        result = load_fit_result(cfg.paths.output_dir, config)
-        if result is not None:
-            log.info("%s: read the finished fit in %s", run.name or "fit", cfg.paths.output_dir)
-        else:
-            result = fit_and_evaluate(exp, run)
-            if rank_zero_only.rank == 0:
-                save_fit_result(cfg.paths.output_dir, config, result)
+    for run, saved in zip(runs, saved_fits(exp.cfg, runs), strict=True):
+        result = saved or fit_and_evaluate(exp, run)
+        if saved is None and rank_zero_only.rank == 0:
+            cfg = fit_config(exp.cfg, run)
+            save_fit_result(cfg.paths.output_dir, fit_settings(cfg, run), result)
         results.append(result)
         exp.datamodule.trainer = None  # the shared data module would keep the fit alive
         release_memory()
     return results
+
+
+def saved_fits(cfg: DictConfig, runs: list[TrainingRun]) -> list[RunResult | None]:
+    """Per run, the result an earlier attempt saved in its folder (None: train it), checked
+    before any fit trains. Raises one error naming every folder that cannot be resumed: a
+    result of other settings, or a stopped attempt's ``checkpoints/last.ckpt`` that
+    ``ckpt_path`` does not resume (training again would leave it beside the new one)."""
+    saved, problems = [], []
+    for run in runs:
+        fit_cfg = fit_config(cfg, run)
+        folder = Path(fit_cfg.paths.output_dir)
+        try:
+            saved.append(load_fit_result(folder, fit_settings(fit_cfg, run)))
+        except ValueError as err:
+            saved.append(None)
+            problems.append(str(err))
+            continue
+        last = stopped_attempt(folder)
+        if last is not None and cfg.ckpt_path is None:
+            again = f" eval.budgets=[{run.budget}]" if run.budget is not None else ""
+            problems.append(
+                f"{folder} holds a stopped attempt at this fit: resume it with "
+                f"ckpt_path={last.resolve()}{again} hydra.run.dir={Path(cfg.paths.output_dir)}, "
+                f"or remove {folder} to train it again"
+            )
+    if problems:
+        raise ValueError("; ".join(problems))
+    loaded = [run.name or "the fit" for run, result in zip(runs, saved, strict=True) if result]
+    if loaded:
+        log.warning(
+            "read %d finished fit(s) from their folders: %s", len(loaded), ", ".join(loaded)
+        )
+    return saved
 
 
 def release_memory() -> None:

@@ -212,7 +212,19 @@ def setup_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
     setup["reference"] = reference_of(runs)
     setup["lrs"] = sorted({r["lr"] for r in runs})
     setup["minutes"] = sweep_minutes(runs)
+    setup["resumed_jobs"] = sum(any(f.get("loaded") for f in r["summary"]["runs"]) for r in runs)
     return setup
+
+
+def resumed_note(setup: dict[str, Any]) -> str:
+    """What the memory column leaves out: fits a resumed job read instead of training."""
+    count = setup.get("resumed_jobs", 0)
+    if not count:
+        return ""
+    return (
+        f" ({count} job(s) resumed after a stop read some fits from disk; their peak covers "
+        "the fits they trained)"
+    )
 
 
 def shared_value(runs: list[dict[str, Any]], name: str, get: Callable[[dict], Any]) -> Any:
@@ -603,7 +615,8 @@ def markdown(comparison: dict, setup: dict, grid: dict, command: str) -> str:
         "standard deviation over seeds. Time: mean training wall time to serve all budgets "
         "(per-budget methods: the sum of their runs), LoRA initialisation and configuration "
         "search included, evaluation excluded; jobs ran two at a time on a shared machine, so "
-        "times compare within a report. Memory: the largest peak resident memory of a job.",
+        "times compare within a report. Memory: the largest peak resident memory of a job"
+        f"{resumed_note(setup)}.",
         "",
         *table_header(["method", "lr", *budgets, "HV", "time (min)", "peak memory (GiB)"]),
     ]

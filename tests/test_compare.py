@@ -185,6 +185,9 @@ def test_a_resumed_job_counts_the_time_of_the_fits_it_read(sweep):
     fit = runs[0]["summary"]["runs"][0]
     fit |= {"loaded": True, "train_seconds": 90.0, "eval_seconds": 30.0}
     assert compare.sweep_minutes(runs)["jobs"] == pytest.approx(before + 2.0)
+    setup = compare.setup_of(runs)
+    assert setup["resumed_jobs"] == 1
+    assert "1 job(s) resumed after a stop" in compare.resumed_note(setup)
 
 
 def test_report_rejects_mixed_or_incomplete_sweeps(sweep, tmp_path):

@@ -2,6 +2,8 @@
 
 import itertools
 import json
+import re
+import shutil
 import weakref
 from pathlib import Path
 
@@ -240,32 +242,49 @@ def test_per_budget_baselines_train_one_run_per_budget(glue_overrides, tmp_path,
         )
 
 
-def test_a_stopped_per_budget_run_resumes_with_its_unfinished_fits(glue_overrides, tmp_path):
+def test_a_stopped_per_budget_run_resumes_with_its_unfinished_fits(
+    glue_overrides, tmp_path, monkeypatch
+):
     overrides = [*glue_overrides, "method=qlora", "eval.budgets=[3.0,4.0]"]
-    straight = run(overrides, tmp_path)
-    examples = dict(np.load(tmp_path / "eval" / "examples.npz"))
-    (tmp_path / "budget_4.0" / "fit_result.pt").unlink()  # stopped during the second fit
-    (tmp_path / "summary.json").unlink()
+    root = tmp_path / "run"
+    straight = run(overrides, root)
+    examples = dict(np.load(root / "eval" / "examples.npz"))
+    (root / "budget_4.0" / "fit_result.pt").unlink()  # stopped in the second fit
+    (root / "summary.json").unlink()
     trained, fit = [], coalora.pipeline.fit_and_evaluate
 
     def tracked_fit(exp, training_run):
         trained.append(training_run.name)
         return fit(exp, training_run)
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(coalora.pipeline, "fit_and_evaluate", tracked_fit)
-        resumed = run(overrides, tmp_path)
-    assert trained == ["budget_4.0"]
+    monkeypatch.setattr(coalora.pipeline, "fit_and_evaluate", tracked_fit)
+    last = (root / "budget_4.0" / "checkpoints" / "last.ckpt").resolve()
+    stopped = (
+        f"budget_4.0 holds a stopped attempt at this fit: resume it with ckpt_path={last} "
+        f"eval.budgets=[4.0] hydra.run.dir={root}"
+    )
+    with pytest.raises(ValueError, match=re.escape(stopped)):
+        run(overrides, root)
+    assert trained == []  # refused before any fit trained
+    alone = run([*glue_overrides, "method=qlora", "eval.budgets=[4.0]", f"ckpt_path={last}"], root)
+    assert alone["values"] == pytest.approx({4.0: straight["values"][4.0]})
+    moved = tmp_path / "moved"  # a folder resumes where it is copied to
+    root.rename(moved)
+    assert run(overrides, moved)["values"] == straight["values"]
+    assert trained == ["budget_4.0"]  # the resumed fit alone; the full run read both
+    shutil.rmtree(moved / "budget_4.0")  # what experiments/compare.py clears
+    resumed = run(overrides, moved)
+    assert trained == ["budget_4.0", "budget_4.0"]
     assert [r["loaded"] for r in resumed["runs"]] == [True, False]
     assert resumed["values"] == straight["values"]  # each fit starts from the run's seed
     assert resumed["runs"][0]["train_seconds"] == straight["runs"][0]["train_seconds"]
-    again = np.load(tmp_path / "eval" / "examples.npz")
+    again = np.load(moved / "eval" / "examples.npz")
     assert again.files == list(examples)
     for key, rows in examples.items():
         np.testing.assert_array_equal(again[key], rows)
     with pytest.raises(ValueError, match=r"budget_3.0/fit_result.pt holds a fit trained with "
                        r"other settings \(method.optimizer.lr\)"):  # fmt: skip
-        run([*overrides, "method.optimizer.lr=0.01"], tmp_path)
+        run([*overrides, "method.optimizer.lr=0.01"], moved)
 
 
 def test_shared_lora_trains_its_fixed_budgets_without_theta(glue_overrides, tmp_path):

@@ -232,17 +232,17 @@ class ParetoGPSearch:
         """Run one round and make its result the pool; returns what the round saw and chose."""
         start = time.perf_counter()
         bits = self.bits(self.configs)
-        scored = time.perf_counter()
+        scoring_start = time.perf_counter()
         losses = self._scores(score, self.configs)
-        scoring = time.perf_counter() - scored
+        scoring = time.perf_counter() - scoring_start
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(torch.randint(2**62, (1,), generator=self.generator)))
             proposals, evaluations = self.propose(bits, losses)
         configs = self.configs + proposals
         bits = np.concatenate([bits, self.bits(proposals)])
-        scored = time.perf_counter()
+        scoring_start = time.perf_counter()
         losses = np.concatenate([losses, self._scores(score, proposals)])
-        scoring += time.perf_counter() - scored
+        scoring += time.perf_counter() - scoring_start
         kept = segmented_pareto_filter(
             bits, losses, self.bits_low, self.bits_high, self.segments
         ).tolist()
