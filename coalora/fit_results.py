@@ -45,11 +45,7 @@ def fit_settings(cfg: DictConfig, run: TrainingRun) -> dict[str, Any]:
 
 def save_fit_result(folder: str | Path, settings: dict[str, Any], result: RunResult) -> Path:
     """Write ``result`` and the fit's ``settings`` to ``folder/fit_result.pt``."""
-    fields = {f.name: getattr(result, f.name) for f in dataclasses.fields(result)}
-    fields["run"] = dataclasses.asdict(result.run)
-    fields["configs"] = [dataclasses.asdict(c) for c in result.configs]
-    fields["records"] = [dataclasses.asdict(r) for r in result.records]
-    fields["validation"] = [dataclasses.asdict(r) for r in result.validation]
+    fields = dataclasses.asdict(result)  # nested dataclasses become dicts too
     fields["examples"] = [None if e is None else torch.from_numpy(e) for e in result.examples]
     payload = {"format": FORMAT, "settings": settings, "result": fields}
     return atomic_write(Path(folder) / FIT_RESULT, lambda tmp: torch.save(payload, tmp))

@@ -118,13 +118,20 @@ def interruption_message(trainer: L.Trainer, run: TrainingRun) -> str:
     last = Path(getattr(trainer.checkpoint_callback, "last_model_path", "") or "")
     if not last.is_file():
         return f"{where}, before any epoch finished: there is no checkpoint to resume from"
-    # A per-budget fit resumes alone, in its run's folder (the run then reads it when resumed).
-    again = f" eval.budgets=[{run.budget}] hydra.run.dir={last.resolve().parents[2]}"
-    again = again if run.budget is not None else ""
     return (
         f"{where}; the checkpoint of its first {finished_epochs(last)} finished epoch(s) is "
-        f"kept: resume with the same settings and ckpt_path={last.resolve()}{again}"
+        f"kept: resume with the same settings and {resume_arguments(last, run)}"
     )
+
+
+def resume_arguments(last: Path, run: TrainingRun) -> str:
+    """The overrides that resume a fit from its ``last.ckpt``: a per-budget fit resumes alone,
+    in its run's folder (``<run>/<fit>/checkpoints/last.ckpt``), where the whole run, started
+    again, then reads it."""
+    last = last.resolve()
+    if run.budget is None:
+        return f"ckpt_path={last}"
+    return f"ckpt_path={last} eval.budgets=[{run.budget}] hydra.run.dir={last.parents[2]}"
 
 
 def build_module(exp: Experiment, run: TrainingRun, model: QuantizedLoRAModel) -> CoALoRAModule:
@@ -300,11 +307,9 @@ def saved_fits(cfg: DictConfig, runs: list[TrainingRun]) -> list[RunResult | Non
             continue
         last = stopped_attempt(folder)
         if last is not None and cfg.ckpt_path is None:
-            again = f" eval.budgets=[{run.budget}]" if run.budget is not None else ""
             problems.append(
                 f"{folder} holds a stopped attempt at this fit: resume it with "
-                f"ckpt_path={last.resolve()}{again} hydra.run.dir={Path(cfg.paths.output_dir)}, "
-                f"or remove {folder} to train it again"
+                f"{resume_arguments(last, run)}, or remove {folder} to train it again"
             )
     if problems:
         raise ValueError("; ".join(problems))
