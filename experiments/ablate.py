@@ -39,6 +39,8 @@ VARIANTS: dict[str, list[str]] = {
     "weight_decay": ["method.optimizer.weight_decay=0.01"],
     "low_budget_set": ["search.initial_budgets.stop=4.5"],
     "frozen_grid": ["search=frozen"],
+    "search_every_2": ["search.callback.interval=2"],
+    "heldout_32": ["search.heldout_size=32"],
     "rank64": ["method.rank=64", "method.alpha=64"],
     "weight_decay_numeric": ["method.optimizer.weight_decay=0.01", "method.numeric_inputs=true"],
     "theta_lr_0.25": ["method.theta_lr_scale=0.25"],

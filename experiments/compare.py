@@ -19,7 +19,8 @@ not rerun, and a stopped per-budget job keeps its finished fits, so an interrupt
 resumes where it stopped. A job's report needs only its
 small files (``summary.json``, ``job.json``, ``eval/examples.npz``, ``.hydra/``, the CSV
 logs), so a sweep folder moved without its checkpoints resumes and reports elsewhere.
-``--jobs 2`` runs two jobs side by side. Every argument that is not an option is a Hydra
+``--jobs 2`` runs two jobs side by side; ``--methods qlora,lqlora`` trains only those methods'
+jobs (the report waits for all four). Every argument that is not an option is a Hydra
 override of every job. The default output folder is ``experiments/results/<task>-<model>-<quant>``.
 """
 
@@ -35,7 +36,7 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -118,17 +119,23 @@ def run_jobs(overrides: list[str], jobs: list[tuple[str, float, int]], sweep: Pa
 
 
 def run_sweep(
-    overrides: list[str], sweep: Path, lrs: list[float], seeds: list[int], n: int
+    overrides: list[str],
+    sweep: Path,
+    lrs: list[float],
+    seeds: list[int],
+    n: int,
+    methods: Sequence[str] = METHODS,
 ) -> None:
-    """The grid with the first seed, then the other seeds at each method's chosen rate; jobs
-    already finished must share one setup (:func:`setup_of`) before any more run."""
+    """The grid with the first seed, then the other seeds at each method's chosen rate, for
+    ``methods``; jobs already finished must share one setup (:func:`setup_of`) before any more
+    run."""
     if any(sweep.glob("*/lr_*/seed_*/summary.json")):
         setup_of(load_runs(sweep))
-    run_jobs(overrides, [(m, lr, seeds[0]) for m in METHODS for lr in lrs], sweep, n)
+    run_jobs(overrides, [(m, lr, seeds[0]) for m in methods for lr in lrs], sweep, n)
     runs = load_runs(sweep)
     setup_of(runs)
-    chosen = choose_lrs(runs, seeds[0])
-    run_jobs(overrides, [(m, chosen[m], s) for m in METHODS for s in seeds[1:]], sweep, n)
+    chosen = choose_lrs(runs, seeds[0], methods)
+    run_jobs(overrides, [(m, chosen[m], s) for m in methods for s in seeds[1:]], sweep, n)
 
 
 def load_runs(sweep_dir: Path) -> list[dict[str, Any]]:
@@ -163,10 +170,12 @@ def validation_hv(run: dict[str, Any]) -> float:
     return validation["hv"]
 
 
-def choose_lrs(runs: list[dict[str, Any]], seed: int) -> dict[str, float]:
+def choose_lrs(
+    runs: list[dict[str, Any]], seed: int, methods: Sequence[str] = METHODS
+) -> dict[str, float]:
     """Per method, the grid's learning rate with the best validation hypervolume at ``seed``."""
     chosen = {}
-    for method in METHODS:
+    for method in methods:
         grid = [r for r in runs if r["summary"]["method"] == method and r["seed"] == seed]
         if not grid:
             raise ValueError(f"no finished {method} job with seed {seed}: the grid is incomplete")
@@ -718,10 +727,21 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--jobs", type=int, default=int(os.environ.get("COMPARE_JOBS", "1")),
                         help="jobs run side by side (default: $COMPARE_JOBS or 1)")  # fmt: skip
+    parser.add_argument(
+        "--methods", type=lambda t: t.split(","), default=list(METHODS),
+        help="train only these methods' jobs, comma-separated; the report waits for all four "
+        "(default: %(default)s)",
+    )  # fmt: skip
     args = parser.parse_args()
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"unknown methods {unknown}; choose from {list(METHODS)}")
     sweep_dir = args.collect or args.sweep_dir or default_sweep_dir(args.overrides)
     if not args.collect:
-        run_sweep(args.overrides, sweep_dir, args.lrs, args.seeds, args.jobs)
+        run_sweep(args.overrides, sweep_dir, args.lrs, args.seeds, args.jobs, args.methods)
+        if set(args.methods) != set(METHODS):
+            print(f"trained {', '.join(args.methods)}; the report needs all four methods")
+            return
     runs = load_runs(sweep_dir)
     setup = setup_of(runs)
     out = args.out or RESULTS / f"{setup['task']}-{setup['model']}-{setup['quant']}"

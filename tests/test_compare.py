@@ -166,6 +166,17 @@ def test_finished_jobs_are_collected_not_rerun(sweep, monkeypatch):
     assert started == []  # refused before any job ran
 
 
+def test_a_sweep_of_some_methods_trains_only_theirs(sweep, monkeypatch):
+    started = []
+    monkeypatch.setattr(compare.subprocess, "run", lambda cmd, **kw: started.append(cmd))
+    for method in ("qlora", "coalora"):
+        (compare.job_dir(sweep, method, 5e-4, 2) / "summary.json").unlink()
+    coalora_grid = compare.job_dir(sweep, "coalora", 2e-4, 0)
+    (coalora_grid / "summary.json").unlink()  # its grid is incomplete: not needed here
+    compare.run_sweep([], sweep, [2e-4, 5e-4], [0, 1, 2], 1, ["qlora", "shared"])
+    assert [c[-1] for c in started] == [f"hydra.run.dir={compare.job_dir(sweep, 'qlora', 5e-4, 2)}"]
+
+
 def test_a_stopped_per_budget_job_keeps_its_finished_fits(sweep, monkeypatch):
     started = []
     monkeypatch.setattr(compare.subprocess, "run", lambda cmd, **kw: started.append(cmd))
