@@ -41,6 +41,7 @@ VARIANTS: dict[str, list[str]] = {
     "frozen_grid": ["search=frozen"],
     "search_every_2": ["search.callback.interval=2"],
     "heldout_32": ["search.heldout_size=32"],
+    "residual_r16": ["method/init=standard", "method.residual_rank=16"],
     "rank64": ["method.rank=64", "method.alpha=64"],
     "weight_decay_numeric": ["method.optimizer.weight_decay=0.01", "method.numeric_inputs=true"],
     "theta_lr_0.25": ["method.theta_lr_scale=0.25"],
@@ -109,10 +110,14 @@ def paired_gain(variant: dict[int, dict], baseline: dict[int, dict]) -> dict | N
     return {"seeds": seeds, "gains": gains, "mean": mean, "interval": bounds, "adopt": adopt}
 
 
-def report(found: dict[str, dict[int, dict]], out: Path, command: str) -> dict:
+def report(
+    found: dict[str, dict[int, dict]], out: Path, command: str, baseline: str = "baseline"
+) -> dict:
     """The variants by validation HV (mean ± sd over seeds) and their paired gain over the
-    baseline, with test HV and time beside; a variant is adopted when its gain's interval is
-    above zero."""
+    variant ``baseline`` (the defaults unless named), with test HV and time beside; a variant
+    is adopted when its gain's interval is above zero."""
+    if baseline not in found:
+        raise ValueError(f"baseline {baseline!r} has no finished job; finished: {sorted(found)}")
     rows = {}
     for variant in [v for v in VARIANTS if v in found]:
         summaries = list(found[variant].values())
@@ -126,13 +131,14 @@ def report(found: dict[str, dict[int, dict]], out: Path, command: str) -> dict:
                 b: statistics.mean(s["validation"]["values"][b] for s in summaries)
                 for b in summaries[0]["validation"]["values"]
             },
-            "vs_baseline": paired_gain(found[variant], found["baseline"])
-            if "baseline" in found and variant != "baseline"
+            "vs_baseline": paired_gain(found[variant], found[baseline])
+            if variant != baseline
             else None,
             "test_hv": statistics.mean(s["hv"] for s in summaries),
             "train_min": statistics.mean(s["train_seconds"] for s in summaries) / 60,
         }
     adopted = [v for v, r in rows.items() if r["vs_baseline"] and r["vs_baseline"]["adopt"]]
+    defaults = "the defaults" if baseline == "baseline" else f"`{baseline}`, the defaults here"
     budgets = list(next(iter(rows.values()))["validation_values"])
     lines = [
         "# Ablation of CoA-LoRA's options (validation split)",
@@ -143,13 +149,13 @@ def report(found: dict[str, dict[int, dict]], out: Path, command: str) -> dict:
         f"and learning rate ({LR:g}, unless its overrides set another) and scored by the "
         "hypervolume of its unseen configurations on the validation split carved from the "
         "training data (per budget: the mean over seeds; HV: mean ± standard deviation over "
-        "seeds). *vs baseline* is the paired difference from the defaults on the same seeds "
+        f"seeds). *vs {baseline}* is the paired difference from {defaults} on the same seeds "
         "(the same validation split and initial weights): its mean and 95 % t-interval over "
         "seeds. A variant is adopted as the default only when that interval lies above 0. "
         "The test HV is shown for reference only; it chose nothing.",
         "",
         *table_header(["variant", "overrides", "seeds", *budgets, "validation HV",
-                       "vs baseline", "test HV", "train (min)"]),
+                       f"vs {baseline}", "test HV", "train (min)"]),
     ]  # fmt: skip
     for variant, r in rows.items():
         values = " | ".join(f"{r['validation_values'][b]:.4f}" for b in budgets)
@@ -165,7 +171,7 @@ def report(found: dict[str, dict[int, dict]], out: Path, command: str) -> dict:
               "![hv](validation_hv.png)", ""]  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.md").write_text("\n".join(lines))
-    summary = {"command": command, "adopted": adopted, "variants": rows}
+    summary = {"command": command, "baseline": baseline, "adopted": adopted, "variants": rows}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     names = list(rows)
     plot_lines(
@@ -201,8 +207,13 @@ def main() -> None:
     parser.add_argument("--sweep-dir", type=Path)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--jobs", type=int, default=int(os.environ.get("COMPARE_JOBS", "1")))
+    parser.add_argument(
+        "--baseline", default="baseline",
+        help="the variant the others are paired against: the defaults' own where they are "
+        "not `baseline`'s (default: %(default)s)",
+    )  # fmt: skip
     args = parser.parse_args()
-    unknown = [v for v in args.variants if v not in VARIANTS]
+    unknown = [v for v in [*args.variants, args.baseline] if v not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
     choices = dict(o.split("=", 1) for o in args.overrides if "=" in o)
@@ -211,8 +222,9 @@ def main() -> None:
     if not args.collect:
         run_ablation(args.overrides, sweep, args.variants, args.seeds, args.jobs)
     out = args.out or RESULTS / f"ablation-{tag}"
-    command = " ".join(["python experiments/ablate.py", *args.overrides])
-    summary = report(load(sweep), out, command)
+    against = [] if args.baseline == "baseline" else ["--baseline", args.baseline]
+    command = " ".join(["python experiments/ablate.py", *against, *args.overrides])
+    summary = report(load(sweep), out, command, args.baseline)
     adopted = ", ".join(summary["adopted"]) or "none"
     print(f"adopted on validation: {adopted}; report: {out / 'report.md'}")
 

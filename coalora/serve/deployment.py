@@ -24,6 +24,7 @@ from coalora.serve.export_format import (
     backbone_tensors,
     export_description,
     peft_adapter_config,
+    served_lora_settings,
     write_export,
 )
 from coalora.serve.export_target import prepare_export_target
@@ -324,7 +325,9 @@ class Deployment:
             out,
             backbone,
             adapter,
-            peft_adapter_config(architecture, self.config, targets, heads),
+            peft_adapter_config(
+                architecture, self.config, targets, heads, served_lora_settings(layers)
+            ),
             description,
             model_config,
             load_tokenizer(self.config["model"]),
