@@ -77,6 +77,10 @@ def test_variants_pair_against_the_named_baseline(tmp_path):
     assert "| vs svd_init_3bit |" in (tmp_path / "out" / "report.md").read_text()
     with pytest.raises(ValueError, match="baseline 'k1' has no finished job"):
         ablate.report(ablate.load(sweep), tmp_path / "out", "cmd", "k1")
+    other = tmp_path / "without-baseline"  # the default baseline may be absent: no pairing
+    fake_job(other, "rank64", 0, 0.8)
+    summary = ablate.report(ablate.load(other), tmp_path / "out2", "cmd")
+    assert summary["variants"]["rank64"]["vs_baseline"] is None and summary["adopted"] == []
 
 
 def test_jobs_under_another_protocol_are_refused(tmp_path):

