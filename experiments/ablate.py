@@ -157,7 +157,7 @@ def report(
             "served_rank": summaries[0].get("served_rank"),
         }
     adopted = [v for v, r in rows.items() if r["vs_baseline"] and r["vs_baseline"]["adopt"]]
-    defaults = "the defaults" if baseline == "baseline" else f"`{baseline}`, the defaults here"
+    defaults = "the defaults" if baseline == "baseline" else f"`{baseline}` (the defaults here)"
     budgets = list(next(iter(rows.values()))["validation_values"])
     lines = [
         "# Ablation of CoA-LoRA's options (validation split)",

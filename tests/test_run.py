@@ -326,8 +326,11 @@ def test_each_method_starts_its_lora_factors_as_configured():
 
     # CoA-LoRA's default follows the task kind's ablation; the baselines keep their own.
     assert type(init("method=coalora", "task=sst2")) is LoraInit
-    lm_init = init("method=coalora", "task=wikitext2", "model=smollm2")
-    assert isinstance(lm_init, SVDInit) and lm_init.reference_budget == 3.0
+    # Language modelling: each option's residual correction, not the 3-bit SVD, starts it.
+    assert type(init("method=coalora", "task=wikitext2", "model=smollm2")) is LoraInit
+    for task, rank in [("sst2", 0), ("wikitext2", 16)]:
+        cfg = compose_config(["debug=fast", "method=coalora", f"task={task}", "model=smollm2"])
+        assert cfg.method.residual_rank == rank
     for method, kind in [("qlora", LoraInit), ("shared", LoraInit), ("lqlora", SVDInit)]:
         assert type(init(f"method={method}", "task=wikitext2", "model=smollm2")) is kind
     assert type(init("method=coalora", "task=wikitext2", "method/init=standard")) is LoraInit
