@@ -47,7 +47,7 @@ def check_identity(checkpoint: Mapping[str, Any], identity: Mapping[str, Any]) -
             "the checkpoint was not written by coalora (it has no 'coalora' state); resume "
             "from a run's checkpoints/last.ckpt"
         )
-    saved = checkpoint["coalora"].get("identity", {})
+    saved = IDENTITY_DEFAULTS | checkpoint["coalora"].get("identity", {})
     differences = [
         f"{key}: checkpoint {saved.get(key)!r}, this run {value!r}"
         for key, value in identity.items()
@@ -66,12 +66,23 @@ def finished_epochs(path: str | Path) -> int:
     return read_checkpoint(path)["epoch"] + 1
 
 
+IDENTITY_DEFAULTS = {"residual_rank": 0}
+"""Identity entries that older checkpoints do not record, at the value they were trained with."""
+
+
 def run_identity(
-    model: str, task: str, quant: str, method: str, rank: int, alpha: float, **sizes: int
+    model: str,
+    task: str,
+    quant: str,
+    method: str,
+    rank: int,
+    alpha: float,
+    residual_rank: int = 0,
+    **sizes: int,
 ) -> dict[str, Any]:
     """What a checkpoint must match to be resumed (see :func:`check_identity`): model, task,
-    quantization format, method, rank and alpha, and with a built model the size of its
-    option space and its number of target matrices (``options=``, ``targets=``)."""
+    quantization format, method, rank, alpha and residual rank, and with a built model the
+    size of its option space and its number of target matrices (``options=``, ``targets=``)."""
     identity = {
         "model": model,
         "task": task,
@@ -79,5 +90,6 @@ def run_identity(
         "method": method,
         "rank": rank,
         "alpha": alpha,
+        "residual_rank": residual_rank,
     }
     return identity | sizes

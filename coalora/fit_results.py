@@ -27,6 +27,8 @@ FORMAT = 1
 IGNORED = ("paths", "logger", "ckpt_path")
 """Settings that do not change what a fit computes: where it writes, what it logs to, and the
 checkpoint it resumed from (a resume is exact)."""
+UNRECORDED_DEFAULTS = {("method", "residual_rank"): 0}
+"""Settings left out at these values: results saved before the setting existed had them."""
 
 
 def fit_settings(cfg: DictConfig, run: TrainingRun) -> dict[str, Any]:
@@ -37,6 +39,9 @@ def fit_settings(cfg: DictConfig, run: TrainingRun) -> dict[str, Any]:
     settings = OmegaConf.to_container(cfg, resolve=False)
     for key in IGNORED:
         settings.pop(key, None)
+    for (group, key), default in UNRECORDED_DEFAULTS.items():
+        if settings.get(group, {}).get(key, default) == default:
+            settings.get(group, {}).pop(key, None)
     if run.budget is not None:
         settings["eval"] = {**settings.get("eval", {}), "budgets": [run.budget]}
         settings["eval"].pop("val_budgets", None)

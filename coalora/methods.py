@@ -198,6 +198,12 @@ class SVDInit(LoraInit):
     def apply(
         self, model: QuantizedLoRAModel, space: ConfigSpace, plan: TrainingPlan, run: TrainingRun
     ) -> None:
+        if model.residual_rank:
+            raise ValueError(
+                f"method.residual_rank={model.residual_rank} already corrects every option's "
+                "residual; the SVD initialisation would correct the reference allocation's "
+                "twice: use method/init=standard with it"
+            )
         choice = plan.lora_reference(space, run, self.reference_budget)
         model.init_lora_from_residual(choice, self.iterations)
 

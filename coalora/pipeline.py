@@ -145,6 +145,7 @@ def build_module(exp: Experiment, run: TrainingRun, model: QuantizedLoRAModel) -
         method.name,
         method.rank,
         method.alpha,
+        method.get("residual_rank", 0),
         options=len(model.options),
         targets=len(model.targets),
     )

@@ -55,7 +55,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if resume is not None:
         identity = run_identity(
             cfg.model.name, task.name, cfg.quant.fmt, cfg.method.name, cfg.method.rank,
-            cfg.method.alpha,
+            cfg.method.alpha, cfg.method.get("residual_rank", 0),
         )  # fmt: skip
         try:
             check_identity(resume, identity)

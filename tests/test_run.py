@@ -326,8 +326,11 @@ def test_each_method_starts_its_lora_factors_as_configured():
 
     # CoA-LoRA's default follows the task kind's ablation; the baselines keep their own.
     assert type(init("method=coalora", "task=sst2")) is LoraInit
-    lm_init = init("method=coalora", "task=wikitext2", "model=smollm2")
-    assert isinstance(lm_init, SVDInit) and lm_init.reference_budget == 3.0
+    # Language modelling: each option's residual correction, not the 3-bit SVD, starts it.
+    assert type(init("method=coalora", "task=wikitext2", "model=smollm2")) is LoraInit
+    for task, rank in [("sst2", 0), ("wikitext2", 16)]:
+        cfg = compose_config(["debug=fast", "method=coalora", f"task={task}", "model=smollm2"])
+        assert cfg.method.residual_rank == rank
     for method, kind in [("qlora", LoraInit), ("shared", LoraInit), ("lqlora", SVDInit)]:
         assert type(init(f"method={method}", "task=wikitext2", "model=smollm2")) is kind
     assert type(init("method=coalora", "task=wikitext2", "method/init=standard")) is LoraInit
@@ -371,6 +374,11 @@ def test_resuming_under_other_settings_is_refused(fast_run, glue_overrides, tmp_
         check_identity(state, identity)
     with pytest.raises(ValueError, match="not written by coalora"):
         check_identity({"state_dict": {}}, identity)
+    # A checkpoint from before residual corrections had none: it resumes with 0, not with 4.
+    del state["coalora"]["identity"]["residual_rank"]
+    check_identity(state, {**state["coalora"]["identity"], "residual_rank": 0})
+    with pytest.raises(ValueError, match="residual_rank: checkpoint 0, this run 4"):
+        check_identity(state, {**state["coalora"]["identity"], "residual_rank": 4})
 
 
 def test_the_best_validation_epoch_is_evaluated(glue_overrides, tmp_path):
@@ -387,3 +395,17 @@ def test_the_best_validation_epoch_is_evaluated(glue_overrides, tmp_path):
     assert 0.0 < summary["validation"]["hv"] <= 1.0
     with np.load(tmp_path / "eval" / "examples.npz") as examples:
         assert examples["unseen/3"].shape == (32, 2)
+
+
+def test_fit_settings_leave_out_a_residual_rank_at_its_old_default():
+    from omegaconf import OmegaConf
+
+    from coalora.fit_results import fit_settings
+    from coalora.methods import TrainingRun
+
+    run = TrainingRun("", [])
+    without = fit_settings(OmegaConf.create({"method": {"name": "coalora", "rank": 16}}), run)
+    at_zero = OmegaConf.create({"method": {"name": "coalora", "rank": 16, "residual_rank": 0}})
+    assert fit_settings(at_zero, run) == without  # results saved before the setting match
+    at_16 = OmegaConf.create({"method": {"name": "coalora", "rank": 16, "residual_rank": 16}})
+    assert fit_settings(at_16, run)["method"]["residual_rank"] == 16

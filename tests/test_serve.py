@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import train_fast_sst2
 from peft import PeftModel
 
 from coalora.data import TaskSpec, TextClassificationDataModule
@@ -90,6 +91,36 @@ def test_export_at_3_bits_reloads_with_the_run_logits_and_accuracy(run_dir, dep,
     assert f"accuracy {row.value:.4f}" in card and "3.0000" in card
     summary = json.loads((out / "quantization.json").read_text())
     assert summary["export_bytes"] < 0.7 * summary["fp32_bytes"]
+
+
+def test_a_run_with_residual_corrections_exports_them_as_more_lora_rank(shared_data_dir, tmp_path):
+    run = train_fast_sst2(shared_data_dir, tmp_path / "run", "method.residual_rank=4")
+    dep = Deployment.from_run(run)
+    choice = dep.choose(bits=3.0)
+    (row,) = [
+        r for r in read_results(run / "eval" / "results.csv") if r.config_id == config_id(choice)
+    ]
+    batches = run_test_batches(run)
+    labels = torch.cat([b["labels"] for b in batches])
+    dep.model.set_configuration(choice)
+    in_run = logits_of(dep.model, batches)
+    served = dep.at(config=list(choice))
+    total = sum(t.numel() * t.element_size() for t in served.state_dict().values())
+    assert total == dep.served_nbytes(choice)  # the corrections' rank counted
+    out = dep.export(tmp_path / "export", bits=3.0)
+    adapter_config = json.loads((out / "adapter_config.json").read_text())
+    assert (adapter_config["r"], adapter_config["lora_alpha"]) == (20, 20.0)  # 16 + 4, scale 1
+    for model in (load_export(out), PeftModel.from_pretrained(load_dequantized_base(out), out)):
+        logits = logits_of(model.eval(), batches)
+        assert torch.allclose(logits, in_run, atol=1e-4)
+        accuracy = (logits.argmax(-1) == labels).float().mean().item()
+        assert accuracy == pytest.approx(row.value, abs=1e-6)
+    # Without its corrections the same adapter is another model: an edit is refused.
+    saved = json.loads((run / "run_config.json").read_text())
+    saved["config"]["method"]["residual_rank"] = 0
+    (run / "run_config.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="method.residual_rank is 0 there, 4 in the checkpoint"):
+        Deployment.from_run(run)
 
 
 def test_served_targets_hold_only_packed_bytes(dep):

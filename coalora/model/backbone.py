@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 
 from coalora.model.config_net import ConfigAwareNetwork, layer_features
-from coalora.model.layers import UNQUANTIZED, QuantLoRALinear, Storage
+from coalora.model.layers import UNQUANTIZED, QuantLoRALinear, Storage, check_residual_rank
 from coalora.model.targets import MODULE_TYPES, Target, find_targets, num_blocks
 from coalora.model.weight_cache import QuantizedWeightCache
 from coalora.quant import Choice, ConfigSpace, Option, option_space, quantize
@@ -56,6 +57,8 @@ class QuantizedLoRAModel(nn.Module):
         numeric_inputs: θ also reads each option field as a number (see
             :class:`ConfigAwareNetwork`).
         cache_bytes: bound on the cache of packed quantized weights (0 disables it).
+        residual_rank: rank of every option's frozen residual correction (0: none; see
+            :class:`QuantLoRALinear`).
         storage: the master copy of the frozen weights, ``"dense"`` or ``"int8"``.
         head_modules: names of the task-head submodules to train (those present).
     """
@@ -75,6 +78,7 @@ class QuantizedLoRAModel(nn.Module):
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         head_modules: Sequence[str] = ("classifier", "score"),
         storage: Storage = "dense",
+        residual_rank: int = 0,
     ) -> None:
         super().__init__()
         if storage not in MASTER_STORAGES:
@@ -83,13 +87,17 @@ class QuantizedLoRAModel(nn.Module):
                 "configuration comes from keep_only)"
             )
         self.model = model
+        self.residual_rank = residual_rank
         self.targets: list[Target] = find_targets(model, module_types)
         check_rank(rank, model, self.targets)
+        smallest = min(min(model.get_submodule(t.name).weight.shape) for t in self.targets)
+        check_residual_rank(residual_rank, smallest)
         model.requires_grad_(False)
         self.cache = QuantizedWeightCache(cache_bytes)
         for target in self.targets:
             parent_name, _, child = target.name.rpartition(".")
-            layer = QuantLoRALinear(model.get_submodule(target.name), rank, alpha, dropout)
+            base = model.get_submodule(target.name)
+            layer = QuantLoRALinear(base, rank, alpha, dropout, residual_rank)
             setattr(model.get_submodule(parent_name), child, layer)  # frees the original weight
             layer.store(storage)
             layer.cache = self.cache
@@ -179,12 +187,20 @@ class QuantizedLoRAModel(nn.Module):
             for layer, j in zip(self.layers, self.check_choice(choice), strict=True)
             if layer.storage != "packed"
         ]
-        self.cache.expect(layer.cache_key(option) for layer, option in pairs)
-        by_key = {layer.cache_key(option): (layer, option) for layer, option in pairs}
-        sizes = {k: packed_nbytes(lay.weight_shape.numel(), o) for k, (lay, o) in by_key.items()}
-        for key in self.cache.to_warm(sizes):
-            layer, option = by_key[key]
-            layer.quantized(option)
+        keys: list[tuple] = []
+        builds: dict[tuple, tuple[int, Callable[[], object]]] = {}  # key: (bytes, build)
+        for layer, option in pairs:
+            keys.append(layer.cache_key(option))
+            size = packed_nbytes(layer.weight_shape.numel(), option)
+            builds[keys[-1]] = size, functools.partial(layer.quantized, option)
+            if self.residual_rank:  # an option's correction is as needed as its packed weight
+                keys.append(layer.residual_key(option))
+                residual = functools.partial(layer.residual, option)
+                builds[keys[-1]] = layer.residual_nbytes(), residual
+        self.cache.expect(keys)
+        chosen = self.cache.to_warm({key: size for key, (size, _) in builds.items()})
+        for key in sorted(chosen, key=lambda k: "residual" in k):  # a correction needs its weight
+            builds[key][1]()
 
     def set_unquantized(self) -> None:
         """Compute with the dense master weights, unquantized, and plain LoRA (no U): the
@@ -197,10 +213,15 @@ class QuantizedLoRAModel(nn.Module):
     def keep_only(self, choice: Sequence[int]) -> None:
         """Replace every master by the packed codes of ``choice`` and activate it: the memory of
         QuantLoRA for a method that trains this one configuration. Irreversible."""
+        if self.residual_rank:
+            raise ValueError(
+                f"residual_rank={self.residual_rank} corrects each option from the master "
+                "weights, which keeping one configuration packed discards: use residual_rank=0"
+            )
         choice = self.check_choice(choice)
         for layer, option in zip(self.layers, choice, strict=True):
             layer.store("packed", self.options[option])
-        self.cache.clear()
+        self.clear_cached()
         self.set_configuration(choice)
 
     def adjustments(self) -> torch.Tensor | None:
@@ -215,11 +236,13 @@ class QuantizedLoRAModel(nn.Module):
     @torch.no_grad()
     def folded_adapters(self, choice: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``(A, B (I + U))`` of every target layer for the configuration ``choice``: its
-        adapters as plain LoRA factors (detached)."""
+        adapters as plain LoRA factors (detached; with a residual correction, rank r + k:
+        :meth:`QuantLoRALinear.plain_lora`)."""
+        choice = self.check_choice(choice)
         u = None if self.config_net is None else self.config_net(self.features(choice))
         return [
-            (layer.lora_A.detach(), layer.folded_lora_B(None if u is None else u[i]))
-            for i, layer in enumerate(self.layers)
+            layer.plain_lora(None if u is None else u[i], self.options[j])
+            for i, (layer, j) in enumerate(zip(self.layers, choice, strict=True))
         ]
 
     def forward(self, **batch: torch.Tensor):
@@ -273,8 +296,15 @@ class QuantizedLoRAModel(nn.Module):
                 layer.config, layer.adjustment = config, adjustment
 
     def _apply(self, fn, recurse: bool = True):
-        self.cache.clear()  # cached packed weights belong to the old device or dtype
+        self.clear_cached()  # cached weights and corrections belong to the old device or dtype
         return super()._apply(fn, recurse)
+
+    def clear_cached(self) -> None:
+        """Drop every cached packed weight and residual correction (after the master weights
+        change or move)."""
+        self.cache.clear()
+        for layer in self.layers:
+            layer.forget_residual()
 
     def init_lora_from_residual(self, choice: Sequence[int], iterations: int = 1) -> None:
         """LQ-LoRA initialisation of every adapter for the configuration ``choice``.
@@ -298,7 +328,7 @@ class QuantizedLoRAModel(nn.Module):
                         layer.weight.copy_(original - layer.scale * layer.lora_B @ layer.lora_A)
                     q = quantize(layer.master(), self.options[option]).dequantize()
                     layer.init_from_residual(original - q)
-        self.cache.clear()
+        self.clear_cached()
 
     @classmethod
     def from_run_config(cls, backbone: nn.Module, cfg: Mapping[str, Any]) -> QuantizedLoRAModel:
@@ -320,6 +350,7 @@ class QuantizedLoRAModel(nn.Module):
             numeric_inputs=method.get("numeric_inputs", False),
             cache_bytes=cfg["quant"]["cache_bytes"],
             storage=cfg["quant"].get("storage", "dense"),
+            residual_rank=method.get("residual_rank", 0),
         )
         if cfg["model"].get("gradient_checkpointing"):
             backbone.activation_checkpointing_enable(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -33,6 +34,43 @@ UNQUANTIZED = "unquantized"
 """A layer configuration that computes with the dense master itself (reference runs)."""
 
 
+@dataclass(frozen=True)
+class ResidualFactors:
+    """``left @ right``: the best rank-k approximation of a quantization residual
+    ``W − Q(W)`` (``left`` out×k, ``right`` k×in, float32)."""
+
+    left: torch.Tensor
+    right: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return (self.left.numel() + self.right.numel()) * self.left.element_size()
+
+
+def residual_factors(weight: torch.Tensor, quantized: PackedTensor, rank: int) -> ResidualFactors:
+    """The rank-``rank`` truncated SVD of ``weight − quantized`` as :class:`ResidualFactors`
+    (``left = U√S``, ``right = √S Vᵀ``); exact and deterministic. Built outside inference
+    mode (validation runs in it), so training may back-propagate through the factors later."""
+    with torch.inference_mode(False), torch.no_grad():
+        residual = weight.float() - quantized.dequantize().float()
+        u, s, vh = torch.linalg.svd(residual, full_matrices=False)
+        root = s[:rank].sqrt()
+        return ResidualFactors(u[:, :rank] * root, root.unsqueeze(1) * vh[:rank])
+
+
+def check_residual_rank(residual_rank: object, limit: int) -> None:
+    """``residual_rank`` must be an integer in [0, ``limit``] (0: no correction)."""
+    if (
+        isinstance(residual_rank, bool)
+        or not isinstance(residual_rank, int)
+        or not 0 <= residual_rank <= limit
+    ):
+        raise ValueError(
+            f"residual_rank={residual_rank!r} must be an integer in [0, {limit}] (0: no "
+            "correction; at most the smallest dimension of a target matrix)"
+        )
+
+
 class QuantizedLinearFunction(torch.autograd.Function):
     """``y = x Q(W)ᵀ + b`` from packed ``Q(W)``, dequantized into a transient buffer in the
     forward pass and again in the backward pass (as bitsandbytes' 4-bit matmul does): no dense
@@ -52,7 +90,7 @@ class QuantizedLinearFunction(torch.autograd.Function):
 
 
 class QuantLoRALinear(nn.Module):
-    """``y = Q(W) x + b + scale · B (I + U) A x``.
+    """``y = Q(W) x + b + scale · B (I + U) A x`` (``+ L_Q R_Q x`` with a residual rank).
 
     ``Q(W)`` is the frozen weight under the layer's active option :attr:`config` (set by the
     owning model at every configuration switch), quantized from the layer's storage (through
@@ -62,17 +100,38 @@ class QuantLoRALinear(nn.Module):
     L1), :attr:`adjustment` is the r×r matrix U the configuration-aware network produces for
     this layer (paper: U_θ(Q_i)), and ``scale = alpha / r``. ``adjustment = None`` gives plain LoRA.
 
+    With ``residual_rank`` k > 0, each option Q also gets its own frozen correction ``L_Q R_Q``,
+    the rank-k SVD of ``W − Q(W)`` (:meth:`residual`; the paper's configuration-dependent SVD
+    initialisation, which a shared trained ``B A`` cannot be): it is computed once per option
+    and kept in :attr:`cache` beside the packed weight, and the served adapter of Q is then the
+    rank-(r + k) LoRA of :meth:`plain_lora`. The layer also keeps the factors of the option
+    it last used, so a correction the cache cannot hold costs one SVD per configuration
+    switch, not one per forward pass.
+
     Args:
         base: the pre-trained linear layer; its weight and bias are kept, frozen.
         rank: LoRA rank r.
         alpha: LoRA alpha.
         dropout: dropout on the adapter's input.
+        residual_rank: k, the rank of each option's residual correction (0: none).
     """
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        base: nn.Linear,
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        residual_rank: int = 0,
+    ) -> None:
         super().__init__()
         if rank < 1:
             raise ValueError(f"rank={rank} must be >= 1")
+        check_residual_rank(residual_rank, min(base.weight.shape))
+        if residual_rank and not alpha > 0:
+            raise ValueError(f"alpha={alpha!r} must be > 0 with a residual correction")
+        self.residual_rank = residual_rank
+        self._last_residual: tuple[tuple, ResidualFactors] | None = None
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight_shape, self.weight_dtype = base.weight.shape, base.weight.dtype
         self.weight: nn.Parameter | None = nn.Parameter(base.weight.detach(), requires_grad=False)
@@ -148,6 +207,35 @@ class QuantLoRALinear(nn.Module):
         """This layer's key in :attr:`cache` for ``config`` (on the layer's current device)."""
         return id(self), config, str(self.lora_A.device)
 
+    def residual_key(self, config: Option) -> tuple:
+        """The key of ``config``'s :class:`ResidualFactors` in :attr:`cache`."""
+        return *self.cache_key(config), "residual", self.residual_rank
+
+    def residual_nbytes(self) -> int:
+        """Bytes of one option's :class:`ResidualFactors` (float32)."""
+        return 4 * self.residual_rank * (self.in_features + self.out_features)
+
+    def residual(self, config: Option) -> ResidualFactors:
+        """The frozen rank-k correction of ``config``: the SVD of ``W − Q(W)`` (through
+        :attr:`cache` when set)."""
+        if not self.residual_rank:
+            raise RuntimeError("this layer has no residual correction (residual_rank=0)")
+
+        key = self.residual_key(config)
+        if self._last_residual is not None and self._last_residual[0] == key:
+            return self._last_residual[1]
+
+        def build() -> ResidualFactors:
+            return residual_factors(self.master(), self.quantized(config), self.residual_rank)
+
+        factors = build() if self.cache is None else self.cache.get(key, build)
+        self._last_residual = key, factors
+        return factors
+
+    def forget_residual(self) -> None:
+        """Drop the kept factors (after the master weight changes)."""
+        self._last_residual = None
+
     def init_from_residual(self, residual: torch.Tensor) -> None:
         """LQ-LoRA initialisation: ``scale · B A`` = the best rank-r approximation of ``residual``.
 
@@ -168,16 +256,33 @@ class QuantLoRALinear(nn.Module):
         else:
             out = QuantizedLinearFunction.apply(x, self.quantized(self.config), self.bias)
         # The adapter computes in its own dtype (fp32) whatever the frozen weights' dtype.
-        h = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A)
+        x = x.to(self.lora_A.dtype)
+        h = F.linear(self.dropout(x), self.lora_A)
         if self.adjustment is not None:
             h = h + F.linear(h, self.adjustment)  # h (I + U)ᵀ
-        return out + (self.scale * F.linear(h, self.lora_B)).to(out.dtype)
+        delta = self.scale * F.linear(h, self.lora_B)
+        if self.residual_rank and self.config != UNQUANTIZED:
+            factors = self.residual(self.config)
+            delta = delta + F.linear(F.linear(x, factors.right), factors.left)
+        return out + delta.to(out.dtype)
 
     def folded_lora_B(self, adjustment: torch.Tensor | None) -> torch.Tensor:
         """``B (I + U)`` for the r×r ``adjustment`` U (``B`` itself for plain LoRA): the factor
         that, with ``A``, gives this configuration's adapter as plain LoRA."""
         b = self.lora_B.detach()
         return b if adjustment is None else b + b @ adjustment
+
+    def plain_lora(
+        self, adjustment: torch.Tensor | None, config: Option
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A', B')`` with ``scale · B' A'`` = this layer's whole adapter under ``config`` and
+        ``adjustment`` (detached): ``(A, B (I + U))``, with the residual correction appended
+        as k more rows of ``A'`` and columns of ``B'`` when ``residual_rank`` is set."""
+        a, b = self.lora_A.detach(), self.folded_lora_B(adjustment)
+        if not self.residual_rank:
+            return a, b
+        factors = self.residual(config)
+        return torch.cat([a, factors.right]), torch.cat([b, factors.left / self.scale], dim=1)
 
     def frozen_nbytes(self) -> int:
         """Bytes of the frozen weight as stored (dense master or packed tensors)."""
@@ -187,4 +292,5 @@ class QuantLoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         stored = f", {self.storage} {self.stored_config}" if self.stored_config else ""
-        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}{stored}"
+        residual = f", residual_rank={self.residual_rank}" if self.residual_rank else ""
+        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}{residual}{stored}"

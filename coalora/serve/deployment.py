@@ -24,6 +24,7 @@ from coalora.serve.export_format import (
     backbone_tensors,
     export_description,
     peft_adapter_config,
+    served_lora_settings,
     write_export,
 )
 from coalora.serve.export_target import prepare_export_target
@@ -123,13 +124,15 @@ class Deployment:
     @property
     def fixed_nbytes(self) -> int:
         """Bytes of a served model besides its packed matrices: every other weight at its dtype
-        (embeddings, norms, biases, head) and the adapters."""
+        (embeddings, norms, biases, head) and the adapters, with their residual corrections
+        (k more rank, float32) when the run has them."""
         frozen = {f"{t.name}.weight" for t in self.model.targets}
-        return sum(
+        weights = sum(
             t.numel() * t.element_size()
             for key, t in self.model.model.state_dict().items()
             if key not in frozen
         )
+        return weights + sum(layer.residual_nbytes() for layer in self.model.layers)
 
     def served_nbytes(self, choice: Sequence[int]) -> int:
         """Weight bytes of the model :meth:`at` returns for ``choice``."""
@@ -324,7 +327,9 @@ class Deployment:
             out,
             backbone,
             adapter,
-            peft_adapter_config(architecture, self.config, targets, heads),
+            peft_adapter_config(
+                architecture, self.config, targets, heads, served_lora_settings(layers)
+            ),
             description,
             model_config,
             load_tokenizer(self.config["model"]),

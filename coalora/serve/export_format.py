@@ -95,17 +95,32 @@ def adapter_tensors(
     return adapter
 
 
+def served_lora_settings(layers: Mapping[str, PackedLoRALinear]) -> tuple[int, float]:
+    """Rank and alpha of the served adapters as plain LoRA: the run's rank, plus the residual
+    rank when each option carries its correction, and the alpha that keeps the run's scale."""
+    settings = {(len(layer.lora_A), layer.scale) for layer in layers.values()}
+    if len(settings) != 1:
+        raise ValueError(f"the served layers differ in (rank, scale): {sorted(settings)}")
+    ((rank, scale),) = settings
+    return rank, scale * rank
+
+
 def peft_adapter_config(
-    architecture: str, run_config: Mapping[str, Any], targets: Sequence[str], heads: Sequence[str]
+    architecture: str,
+    run_config: Mapping[str, Any],
+    targets: Sequence[str],
+    heads: Sequence[str],
+    lora: tuple[int, float],
 ) -> dict[str, Any]:
-    """``adapter_config.json``: a plain peft LoRA of the run's rank and alpha on ``targets``."""
-    method = run_config["method"]
+    """``adapter_config.json``: a plain peft LoRA of rank and alpha ``lora``
+    (:func:`served_lora_settings`) on ``targets``."""
+    rank, alpha = lora
     return {
         "peft_type": "LORA",
         "task_type": task_type(architecture),
         "base_model_name_or_path": run_config["model"]["name_or_path"],
-        "r": method["rank"],
-        "lora_alpha": method["alpha"],
+        "r": rank,
+        "lora_alpha": alpha,
         "lora_dropout": 0.0,
         "target_modules": list(targets),
         "modules_to_save": list(heads) or None,

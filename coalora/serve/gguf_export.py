@@ -32,6 +32,7 @@ from coalora.serve.export_format import (
     QUANTIZATION_NAME,
     measured_lines,
     request_text,
+    served_lora_settings,
     sha256,
 )
 from coalora.serve.export_target import prepare_export_target
@@ -256,7 +257,7 @@ def export_gguf(
         name = f"{model_cfg['name']} ({description['avg_bits']:.2f} bits, coalora)"
         write_gguf_model(tmp / MODEL_FILE, arch, served, list(layers), source, name=name)
         write_gguf_adapter(
-            tmp / ADAPTER_FILE, arch, served.config, adapters, dep.config["method"]["alpha"]
+            tmp / ADAPTER_FILE, arch, served.config, adapters, served_lora_settings(layers)[1]
         )
         sizes = {name: (tmp / name).stat().st_size for name in (MODEL_FILE, ADAPTER_FILE)}
         summary = {**description, "format": "gguf", "file_bytes": sizes}

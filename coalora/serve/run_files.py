@@ -12,7 +12,7 @@ import torch
 from huggingface_hub import constants as hub_constants
 from transformers import AutoConfig
 
-from coalora.checkpoints import read_checkpoint
+from coalora.checkpoints import IDENTITY_DEFAULTS, read_checkpoint
 from coalora.io import atomic_write, atomic_write_text, load_torch_file, read_json
 from coalora.quant import ErrorTable
 from coalora.serve.positions import check_max_length
@@ -64,6 +64,7 @@ IDENTITY_SETTINGS = {
     "method": "method.name",
     "rank": "method.rank",
     "alpha": "method.alpha",
+    "residual_rank": "method.residual_rank",
 }
 """Where :data:`RUN_CONFIG_NAME` holds each entry of a checkpoint's recorded identity
 (``coalora.run.run_identity``); ``options`` and ``targets`` are checked against the error table."""
@@ -86,17 +87,21 @@ def check_run_config(
     run_dir: Path, config: Mapping[str, Any], checkpoint: Mapping[str, Any], table: ErrorTable
 ) -> None:
     """Refuse a :data:`RUN_CONFIG_NAME` that disagrees with what the checkpoint recorded when it
-    was trained: every entry of its identity (model, task, format, method, rank, alpha, the
-    size of the option space and the number of target matrices) and the data settings of
-    :data:`RECORDED_DATA_SETTINGS`. Serving builds the model from the file, so an edit would
-    change the served model silently. Entries a checkpoint does not record are not checked
-    (checkpoints written before ``alpha`` was recorded keep ``method.alpha`` unchecked)."""
+    was trained: every entry of its identity (model, task, format, method, rank, alpha,
+    residual rank, the size of the option space and the number of target matrices) and the
+    data settings of :data:`RECORDED_DATA_SETTINGS`. Serving builds the model from the file, so
+    an edit would change the served model silently. Entries a checkpoint does not record are
+    not checked (checkpoints written before ``alpha`` was recorded keep ``method.alpha``
+    unchecked), except those of ``IDENTITY_DEFAULTS``, which it had at their default, as a
+    file without them has."""
     identity = checkpoint["coalora"].get("identity")
-    identity = identity if isinstance(identity, Mapping) else {}
+    identity = IDENTITY_DEFAULTS | (identity if isinstance(identity, Mapping) else {})
     differences = []
     for key, saved in identity.items():
         if key in IDENTITY_SETTINGS:
             name, value = IDENTITY_SETTINGS[key], setting(config, IDENTITY_SETTINGS[key])
+            if value == MISSING and key in IDENTITY_DEFAULTS:
+                value = IDENTITY_DEFAULTS[key]
             if value != saved:
                 differences.append(f"{name} is {value!r} there, {saved!r} in the checkpoint")
         elif key in ("options", "targets"):
