@@ -29,6 +29,8 @@ IGNORED = ("paths", "logger", "ckpt_path")
 checkpoint it resumed from (a resume is exact)."""
 UNRECORDED_DEFAULTS = {("method", "residual_rank"): 0}
 """Settings left out at these values: results saved before the setting existed had them."""
+RESOLVED = {("method", "residual_rank"): ("method", "residual_ranks")}
+"""Settings recorded at their resolved value, less the table they look their value up in."""
 
 
 def fit_settings(cfg: DictConfig, run: TrainingRun) -> dict[str, Any]:
@@ -39,6 +41,10 @@ def fit_settings(cfg: DictConfig, run: TrainingRun) -> dict[str, Any]:
     settings = OmegaConf.to_container(cfg, resolve=False)
     for key in IGNORED:
         settings.pop(key, None)
+    for (group, key), (_, table) in RESOLVED.items():
+        if key in settings.get(group, {}):
+            settings[group][key] = cfg[group][key]
+            settings[group].pop(table, None)
     for (group, key), default in UNRECORDED_DEFAULTS.items():
         if settings.get(group, {}).get(key, default) == default:
             settings.get(group, {}).pop(key, None)

@@ -241,7 +241,7 @@ def test_gguf_export_adapter_is_the_folded_lora_in_llamacpp_layout(gguf_run, ggu
     reader = gguf.GGUFReader(gguf_export / ADAPTER_FILE)
     fields = {name: f.contents() for name, f in reader.fields.items()}
     assert fields["general.type"] == "adapter" and fields["adapter.type"] == "lora"
-    assert fields["adapter.lora.alpha"] == 16.0
+    assert fields["adapter.lora.alpha"] == 32.0  # rank 16 + residual rank 16, scale 1
     tensors = {t.name: np.asarray(t.data) for t in reader.tensors}
     dep = Deployment.from_run(gguf_run)
     summary = json.loads((gguf_export / "quantization.json").read_text())
@@ -250,7 +250,7 @@ def test_gguf_export_adapter_is_the_folded_lora_in_llamacpp_layout(gguf_run, ggu
     assert np.array_equal(
         tensors["blk.0.attn_q.weight.lora_b"], b[rotary_permutation(256, 4)].numpy()
     )
-    assert tensors["blk.0.ffn_down.weight.lora_b"].shape == (256, 16)
+    assert tensors["blk.0.ffn_down.weight.lora_b"].shape == (256, 32)
 
 
 @pytest.mark.slow

@@ -409,3 +409,17 @@ def test_fit_settings_leave_out_a_residual_rank_at_its_old_default():
     assert fit_settings(at_zero, run) == without  # results saved before the setting match
     at_16 = OmegaConf.create({"method": {"name": "coalora", "rank": 16, "residual_rank": 16}})
     assert fit_settings(at_16, run)["method"]["residual_rank"] == 16
+    # A value looked up by task kind is recorded as looked up, without the table.
+    table = {"classification": 0, "language_modeling": 16}
+    for kind, expected in [("classification", without), ("language_modeling", None)]:
+        cfg = OmegaConf.create({
+            "task": {"kind": kind},
+            "method": {"name": "coalora", "rank": 16, "residual_ranks": table,
+                       "residual_rank": "${.residual_ranks.${task.kind}}"},
+        })  # fmt: skip
+        settings = fit_settings(cfg, run)
+        assert "residual_ranks" not in settings["method"]
+        if expected is None:
+            assert settings["method"]["residual_rank"] == 16
+        else:
+            assert settings["method"] == expected["method"]
