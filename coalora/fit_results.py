@@ -27,10 +27,9 @@ FORMAT = 1
 IGNORED = ("paths", "logger", "ckpt_path")
 """Settings that do not change what a fit computes: where it writes, what it logs to, and the
 checkpoint it resumed from (a resume is exact)."""
-UNRECORDED_DEFAULTS = {("method", "residual_rank"): 0}
-"""Settings left out at these values: results saved before the setting existed had them."""
-RESOLVED = {("method", "residual_rank"): ("method", "residual_ranks")}
-"""Settings recorded at their resolved value, less the table they look their value up in."""
+RESOLVED_DEFAULTS = {("method", "residual_rank"): ("residual_ranks", 0)}
+"""Settings recorded at their resolved value, less the table they look it up in, and left out
+at the default that results saved before the setting existed had."""
 
 
 def fit_settings(cfg: DictConfig, run: TrainingRun) -> dict[str, Any]:
@@ -41,13 +40,13 @@ def fit_settings(cfg: DictConfig, run: TrainingRun) -> dict[str, Any]:
     settings = OmegaConf.to_container(cfg, resolve=False)
     for key in IGNORED:
         settings.pop(key, None)
-    for (group, key), (_, table) in RESOLVED.items():
-        if key in settings.get(group, {}):
-            settings[group][key] = cfg[group][key]
-            settings[group].pop(table, None)
-    for (group, key), default in UNRECORDED_DEFAULTS.items():
-        if settings.get(group, {}).get(key, default) == default:
-            settings.get(group, {}).pop(key, None)
+    for (group, key), (table, default) in RESOLVED_DEFAULTS.items():
+        section = settings.get(group, {})
+        section.pop(table, None)
+        if key in section:
+            section[key] = cfg[group][key]
+            if section[key] == default:
+                del section[key]
     if run.budget is not None:
         settings["eval"] = {**settings.get("eval", {}), "budgets": [run.budget]}
         settings["eval"].pop("val_budgets", None)
