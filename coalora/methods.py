@@ -1,4 +1,4 @@
-"""Training methods as objects (DESIGN §7), built by Hydra from ``conf/method/*.yaml``.
+"""Training methods as objects, built by Hydra from ``conf/method/*.yaml``.
 
 A method is a :class:`TrainingPlan` (which fits it makes, which configurations each fit trains,
 validates and is evaluated on, which split the methods are compared on) and a
@@ -45,6 +45,9 @@ class TrainingPlan(ABC):
 
     def check_budgets(self, space: ConfigSpace) -> None:  # noqa: B027 (optional hook)
         """Refuse budgets of the plan's own settings outside the space's range."""
+
+    def check_residual_rank(self, residual_rank: int) -> None:  # noqa: B027 (optional hook)
+        """Refuse ``method.residual_rank`` where the plan's fits cannot keep corrections."""
 
     def check_search(self, method: str, search: str, has_callback: bool) -> None:
         """Refuse a search (or search callback settings) for a plan whose set is fixed."""
@@ -163,6 +166,14 @@ class PerBudget(TrainingPlan):
     def fixed_configuration(self, run: TrainingRun) -> Choice | None:
         return run.train_configs[0]
 
+    def check_residual_rank(self, residual_rank: int) -> None:
+        if residual_rank:
+            raise ValueError(
+                f"method.residual_rank={residual_rank}: a per-budget fit keeps only its "
+                "configuration's packed weights, from which no option's residual can be "
+                "computed; set method.residual_rank=0"
+            )
+
     def resumable(self, method: str, eval_budgets: Sequence[float]) -> str | None:
         if len(eval_budgets) > 1:
             return (
@@ -179,6 +190,9 @@ class LoraInit:
         self, model: QuantizedLoRAModel, space: ConfigSpace, plan: TrainingPlan, run: TrainingRun
     ) -> None:
         """Initialise ``model``'s LoRA factors for ``run``."""
+
+    def check_residual_rank(self, residual_rank: int) -> None:  # noqa: B027 (optional hook)
+        """Refuse ``method.residual_rank`` where this initialisation would conflict with it."""
 
 
 class SVDInit(LoraInit):
@@ -198,21 +212,14 @@ class SVDInit(LoraInit):
     def apply(
         self, model: QuantizedLoRAModel, space: ConfigSpace, plan: TrainingPlan, run: TrainingRun
     ) -> None:
-        if model.residual_rank:
-            raise ValueError(
-                f"method.residual_rank={model.residual_rank} already corrects every option's "
-                "residual; the SVD initialisation would correct the reference allocation's "
-                "twice: use method/init=standard with it"
-            )
+        self.check_residual_rank(model.residual_rank)
         choice = plan.lora_reference(space, run, self.reference_budget)
         model.init_lora_from_residual(choice, self.iterations)
 
-
-def init_for_task(task_kind: str, **by_kind: LoraInit) -> LoraInit:
-    """The initialisation ``by_kind`` gives ``task_kind`` (``method/init=by_task``)."""
-    if task_kind not in by_kind:
-        raise ValueError(
-            f"task kind {task_kind!r} has no initialisation in method.init; "
-            f"it names {sorted(by_kind)}"
-        )
-    return by_kind[task_kind]
+    def check_residual_rank(self, residual_rank: int) -> None:
+        if residual_rank:
+            raise ValueError(
+                f"method.residual_rank={residual_rank} already corrects every option's "
+                "residual; method/init=svd would correct the reference allocation's a second "
+                "time: use method/init=standard, or set method.residual_rank=0"
+            )

@@ -14,18 +14,22 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from coalora.checkpoints import read_checkpoint
-from coalora.methods import TrainingPlan
+from coalora.methods import LoraInit, TrainingPlan
 from coalora.serve.positions import check_max_length
 
 SEED_RANGE = (0, 2**32 - 1)
 """Seeds NumPy (and so ``lightning.seed_everything``) accepts."""
 
 
-def check_settings(cfg: DictConfig, plan: TrainingPlan) -> dict[str, Any] | None:
-    """Check the seed, the epoch count, ``trainer.*`` keys, the optimizer and ``ckpt_path``
-    (which the method's ``plan`` must be able to resume); returns the checkpoint to resume
-    from (None without one)."""
+def check_settings(cfg: DictConfig, plan: TrainingPlan, init: LoraInit) -> dict[str, Any] | None:
+    """Check the seed, the epoch count, ``trainer.*`` keys, the optimizer, the residual rank
+    (which the method's ``plan`` and ``init`` must allow) and ``ckpt_path`` (which ``plan``
+    must be able to resume); returns the checkpoint to resume from (None without one)."""
     check_seed(cfg.seed)
+    residual_rank = cfg.method.get("residual_rank", 0)
+    if isinstance(residual_rank, int) and not isinstance(residual_rank, bool):
+        plan.check_residual_rank(residual_rank)
+        init.check_residual_rank(residual_rank)
     max_epochs = cfg.trainer.get("max_epochs")
     if max_epochs is not None and (max_epochs == 0 or max_epochs < -1):
         raise ValueError(

@@ -47,7 +47,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     output (Lightning writes the checkpoints from rank 0); the other ranks return ``{}`` once
     their training is done."""
     plan, init = instantiate(cfg.method.plan), instantiate(cfg.method.init)
-    resume = check_settings(cfg, plan)
+    resume = check_settings(cfg, plan, init)
     check_data_length(cfg)
     L.seed_everything(cfg.seed, workers=True)
     task = build_task(OmegaConf.to_container(cfg.task, resolve=True))

@@ -29,10 +29,28 @@ from scipy.stats import t as t_dist
 
 VARIANTS: dict[str, list[str]] = {
     "baseline": [],
-    "svd_init_4bit": ["method/init=svd", "method.init.reference_budget=4.0"],
-    "svd_init_3bit": ["method/init=svd", "method.init.reference_budget=3.0"],
-    "svd_init_2.5bit": ["method/init=svd", "method.init.reference_budget=2.5"],
-    "svd_init_3bit_frozen": ["method/init=svd", "method.init.reference_budget=3", "search=frozen"],
+    "standard_init": ["method/init=standard", "method.residual_rank=0"],
+    "svd_init_4bit": [
+        "method/init=svd",
+        "method.init.reference_budget=4.0",
+        "method.residual_rank=0",
+    ],
+    "svd_init_3bit": [
+        "method/init=svd",
+        "method.init.reference_budget=3.0",
+        "method.residual_rank=0",
+    ],
+    "svd_init_2.5bit": [
+        "method/init=svd",
+        "method.init.reference_budget=2.5",
+        "method.residual_rank=0",
+    ],
+    "svd_init_3bit_frozen": [
+        "method/init=svd",
+        "method.init.reference_budget=3",
+        "method.residual_rank=0",
+        "search=frozen",
+    ],
     "k1": ["method.configs_per_step=1"],
     "numeric_inputs": ["method.numeric_inputs=true"],
     "theta_hidden64": ["method.hidden_dim=64"],
@@ -53,8 +71,9 @@ VARIANTS: dict[str, list[str]] = {
     "theta_lr_0.25": ["method.theta_lr_scale=0.25"],
     "factors_lr_2e-3": ["method.optimizer.lr=0.002", "method.theta_lr_scale=0.25"],
 }
-"""Each candidate as overrides of the ``coalora`` method (``baseline``: the defaults); one
-that sets ``method.optimizer.lr`` trains at that rate instead of :data:`LR`."""
+"""Each candidate as overrides of the ``coalora`` method (``baseline``: the defaults;
+``standard_init``: no SVD, no residual correction, the classification defaults); one that sets
+``method.optimizer.lr`` trains at that rate instead of :data:`LR`."""
 LR = 5e-4
 
 
@@ -112,6 +131,40 @@ def load(sweep: Path) -> dict[str, dict[int, dict]]:
     return found
 
 
+def shared_overrides(job: Path, variant: str) -> list[str]:
+    """The overrides a job shares with every variant: its recorded ones less its method,
+    learning rate, seed and the variant's own."""
+    recorded = OmegaConf.load(job / ".hydra" / "overrides.yaml")
+    own = ("method=", "method.optimizer.lr=", "seed=")
+    return [o for o in recorded if not o.startswith(own) and o not in VARIANTS[variant]]
+
+
+def commands_of(
+    sweep: Path, found: dict[str, dict[int, dict]], baseline: str, out: Path
+) -> list[str]:
+    """The ablation commands that train the jobs ``found`` under ``sweep`` and report to
+    ``out``: one per set of seeds the variants ran with; raises if the jobs differ in their
+    shared overrides."""
+    shared = {
+        " ".join(shared_overrides(sweep / variant / f"seed_{seed}", variant))
+        for variant, seeds in found.items()
+        for seed in seeds
+    }
+    if len(shared) > 1:
+        raise ValueError(f"the jobs under {sweep} ran with different overrides: {sorted(shared)}")
+    by_seeds: dict[tuple[int, ...], list[str]] = {}
+    for variant in [v for v in VARIANTS if v in found]:
+        by_seeds.setdefault(tuple(sorted(found[variant])), []).append(variant)
+    against = "" if baseline == "baseline" else f" --baseline {baseline}"
+    (overrides,) = shared
+    return [
+        f"python experiments/ablate.py --variants {','.join(variants)} "
+        f"--seeds {','.join(map(str, seeds))}{against} --sweep-dir {sweep} --out {out} "
+        f"{overrides}".rstrip()
+        for seeds, variants in by_seeds.items()
+    ]
+
+
 def paired_gain(variant: dict[int, dict], baseline: dict[int, dict]) -> dict | None:
     """The variant's validation HV minus the baseline's on the seeds both finished: mean, 95 %
     t-interval over seeds (None with fewer than two), and ``adopt``: the interval above 0."""
@@ -129,7 +182,7 @@ def paired_gain(variant: dict[int, dict], baseline: dict[int, dict]) -> dict | N
 
 
 def report(
-    found: dict[str, dict[int, dict]], out: Path, command: str, baseline: str = "baseline"
+    found: dict[str, dict[int, dict]], out: Path, commands: list[str], baseline: str = "baseline"
 ) -> dict:
     """The variants by validation HV (mean ± sd over seeds) and their paired gain over the
     variant ``baseline`` (the defaults unless named), with test HV and time beside; a variant
@@ -157,12 +210,14 @@ def report(
             "served_rank": summaries[0].get("served_rank"),
         }
     adopted = [v for v, r in rows.items() if r["vs_baseline"] and r["vs_baseline"]["adopt"]]
-    defaults = "the defaults" if baseline == "baseline" else f"`{baseline}` (the defaults here)"
+    defaults = "the defaults" if baseline == "baseline" else f"`{baseline}`"
     budgets = list(next(iter(rows.values()))["validation_values"])
     lines = [
         "# Ablation of CoA-LoRA's options (validation split)",
         "",
-        f"Command: `{command}`",
+        "Commands (one per set of seeds; jobs already finished are collected, not rerun):",
+        "",
+        *[f"    {command}" for command in commands],
         "",
         "Each variant is CoA-LoRA with the overrides shown, trained with the same data, seeds "
         f"and learning rate ({LR:g}, unless its overrides set another) and scored by the "
@@ -193,7 +248,7 @@ def report(
               "![hv](validation_hv.png)", ""]  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.md").write_text("\n".join(lines))
-    summary = {"command": command, "baseline": baseline, "adopted": adopted, "variants": rows}
+    summary = {"commands": commands, "baseline": baseline, "adopted": adopted, "variants": rows}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     names = list(rows)
     plot_lines(
@@ -249,9 +304,8 @@ def main() -> None:
     if not args.collect:
         run_ablation(args.overrides, sweep, args.variants, args.seeds, args.jobs)
     out = args.out or RESULTS / f"ablation-{tag}"
-    against = [] if args.baseline == "baseline" else ["--baseline", args.baseline]
-    command = " ".join(["python experiments/ablate.py", *against, *args.overrides])
-    summary = report(load(sweep), out, command, args.baseline)
+    found = load(sweep)
+    summary = report(found, out, commands_of(sweep, found, args.baseline, out), args.baseline)
     adopted = ", ".join(summary["adopted"]) or "none"
     print(f"adopted on validation: {adopted}; report: {out / 'report.md'}")
 

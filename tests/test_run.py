@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from hydra.errors import ConfigCompositionException, InstantiationException
+from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -324,18 +324,44 @@ def test_each_method_starts_its_lora_factors_as_configured():
     def init(*overrides):
         return instantiate(compose_config(["debug=fast", *overrides]).method.init)
 
-    # CoA-LoRA's default follows the task kind's ablation; the baselines keep their own.
+    # CoA-LoRA starts from the standard initialisation; language modelling adds each option's
+    # residual correction by default. The baselines keep their own initialisation.
     assert type(init("method=coalora", "task=sst2")) is LoraInit
-    # Language modelling: each option's residual correction, not the 3-bit SVD, starts it.
     assert type(init("method=coalora", "task=wikitext2", "model=smollm2")) is LoraInit
     for task, rank in [("sst2", 0), ("wikitext2", 16)]:
         cfg = compose_config(["debug=fast", "method=coalora", f"task={task}", "model=smollm2"])
         assert cfg.method.residual_rank == rank
     for method, kind in [("qlora", LoraInit), ("shared", LoraInit), ("lqlora", SVDInit)]:
         assert type(init(f"method={method}", "task=wikitext2", "model=smollm2")) is kind
-    assert type(init("method=coalora", "task=wikitext2", "method/init=standard")) is LoraInit
-    with pytest.raises(InstantiationException, match="task kind .regression. has no initiali"):
-        init("method=coalora", "+task.kind=regression")
+        cfg = compose_config(["debug=fast", f"method={method}", "task=wikitext2", "model=smollm2"])
+        assert cfg.method.residual_rank == 0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["task=wikitext2", "model=smollm2", "method/init=svd"],
+            r"^method.residual_rank=16 already corrects every option's residual; method/init=svd "
+            r"would correct the reference allocation's a second time: use method/init=standard, "
+            r"or set method.residual_rank=0$",
+        ),
+        (
+            ["method=qlora", "method.residual_rank=4"],
+            r"^method.residual_rank=4: a per-budget fit keeps only its configuration's packed "
+            r"weights, from which no option's residual can be computed; set "
+            r"method.residual_rank=0$",
+        ),
+    ],
+)
+def test_residual_corrections_the_method_cannot_keep_are_refused_first(overrides, message):
+    from coalora.preflight import check_settings
+
+    cfg = compose_config(["debug=fast", *overrides])
+    plan, init = instantiate(cfg.method.plan), instantiate(cfg.method.init)
+    with pytest.raises(ValueError, match=message):
+        check_settings(cfg, plan, init)
+    check_settings(compose_config(["debug=fast", *overrides, "method.residual_rank=0"]), plan, init)
 
 
 @pytest.mark.parametrize(

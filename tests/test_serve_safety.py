@@ -517,4 +517,4 @@ def test_unclear_inputs_get_messages_that_name_them(
     with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = compose("train", overrides=["seed=-1"])
     with pytest.raises(ValueError, match=r"^seed=-1 must be an integer from 0 to 4294967295$"):
-        check_settings(cfg, instantiate(cfg.method.plan))
+        check_settings(cfg, instantiate(cfg.method.plan), instantiate(cfg.method.init))
