@@ -66,8 +66,10 @@ demo: install
 
 # The four methods side by side (experiments/compare.py): a 3-point learning-rate grid per
 # method chosen on the validation split, 3 seeds, early stopping on validation, 95 % bootstrap
-# intervals. Reports go to experiments/results/<task>-<model>-<quant>/. Interrupted sweeps
-# resume (finished jobs are collected). COMPARE_JOBS=2 runs two one-thread jobs side by side.
+# intervals. Reports go to experiments/results/<task>-<model>-<quant>/. The jobs run in the
+# committed sweeps of experiments/sweeps/, whose finished jobs are collected, not rerun: the
+# target rebuilds the committed reports and trains only what is missing (an interrupted sweep
+# resumes). COMPARE_JOBS=2 runs two one-thread jobs side by side.
 # MRPC trains on 2,000 examples: with 500, every method stays near the all-positive answer.
 # `make ablate`: CoA-LoRA's options on the validation split (experiments/ablate.py).
 COALORA_GLUE_DIR ?= ../shared/data/glue
@@ -76,11 +78,13 @@ COMPARE_JOBS ?= 2
 EXPERIMENT_ENV := WANDB_MODE=disabled OMP_NUM_THREADS=1 COALORA_GLUE_DIR=$(COALORA_GLUE_DIR) \
 	COALORA_TEXT_DIR=$(COALORA_TEXT_DIR) COMPARE_JOBS=$(COMPARE_JOBS)
 COMPARE := $(EXPERIMENT_ENV) $(BIN)/python experiments/compare.py
+SWEEPS := experiments/sweeps
 compare: install
-	$(COMPARE) experiment=compare_minilm task=sst2 quant=nf
-	$(COMPARE) experiment=compare_minilm task=sst2 quant=int
-	$(COMPARE) experiment=compare_minilm task=mrpc quant=nf data.max_train_samples=2000
-	$(COMPARE) experiment=compare_smollm2
+	$(COMPARE) --sweep-dir $(SWEEPS)/compare-sst2-nf experiment=compare_minilm task=sst2 quant=nf
+	$(COMPARE) --sweep-dir $(SWEEPS)/compare-sst2-int experiment=compare_minilm task=sst2 quant=int
+	$(COMPARE) --sweep-dir $(SWEEPS)/compare-mrpc-nf experiment=compare_minilm task=mrpc quant=nf \
+		data.max_train_samples=2000
+	$(COMPARE) --sweep-dir $(SWEEPS)/compare-wikitext2-smollm2 experiment=compare_smollm2
 
 ablate: install
 	$(EXPERIMENT_ENV) $(BIN)/python experiments/ablate.py --seeds 0,1,2 \

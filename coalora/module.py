@@ -1,4 +1,4 @@
-"""The LightningModule: trains the quantized LoRA model over a set of configurations (DESIGN §5)."""
+"""The LightningModule: trains the quantized LoRA model over a set of configurations."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Pareto utilities: dominance, fronts, 2-D hypervolume and segmented filtering.
 
 Every objective is MINIMISED here; callers negate a maximised metric (accuracy, F1). Pure
-numpy, used by the configuration search (DESIGN §6) and the evaluation (DESIGN §8).
+numpy, used by the configuration search and the evaluation.
 """
 
 from __future__ import annotations
@@ -41,28 +41,6 @@ def non_dominated_mask(points: np.ndarray) -> np.ndarray:
     return mask
 
 
-def non_dominated_sort(points: np.ndarray) -> list[np.ndarray]:
-    """Successive non-dominated fronts, as in NSGA-II (Deb et al., 2002).
-
-    Front 0 is the non-dominated set, front ``k`` the non-dominated set once fronts
-    ``0..k-1`` are removed.
-
-    Args:
-        points: ``(n, m)`` array, all objectives minimised.
-
-    Returns:
-        A list of ascending index arrays that partition ``range(n)``.
-    """
-    p = _as_points(points)
-    remaining = np.arange(len(p))
-    fronts = []
-    while remaining.size:
-        mask = non_dominated_mask(p[remaining])
-        fronts.append(remaining[mask])
-        remaining = remaining[~mask]
-    return fronts
-
-
 def hypervolume_2d(points: np.ndarray, reference: Sequence[float] | np.ndarray) -> float:
     """Area dominated by ``points`` and bounded by ``reference`` (both objectives minimised).
 
@@ -93,7 +71,7 @@ def hypervolume_2d(points: np.ndarray, reference: Sequence[float] | np.ndarray) 
 def segmented_pareto_filter(
     bits: np.ndarray, losses: np.ndarray, low: float, high: float, segments: int
 ) -> np.ndarray:
-    """Union of the per-segment non-dominated (bits, loss) points (DESIGN §6).
+    """Union of the per-segment non-dominated (bits, loss) points.
 
     ``[low, high]`` is split into ``segments`` contiguous intervals of equal width,
     ``[e_k, e_{k+1})`` with the last one closed, ``[e_{U-1}, high]``. In each, the points whose
@@ -138,7 +116,7 @@ def normalized_hypervolume(
     metric: Sequence[float],
     bits_range: tuple[float, float] = (2.0, 8.0),
 ) -> float:
-    """Evaluation hypervolume of (average bits, metric) points (DESIGN §8).
+    """Evaluation hypervolume of (average bits, metric) points.
 
     Definition: bits are normalised to ``x = (b - lo) / (hi - lo)`` over
     ``bits_range = (lo, hi)`` (default [2, 8]); the metric ``y`` is maximised and lies in

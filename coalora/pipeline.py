@@ -69,7 +69,7 @@ def estimate_fisher(
 
 
 def load_error_table(cfg: DictConfig, datamodule: L.LightningDataModule) -> ErrorTable:
-    """The pre-trained model's error table (cached on disk, DESIGN §3), computed on the
+    """The pre-trained model's error table (cached on disk), computed on the
     training device; ``quant.table_sample_fraction`` estimates it on a fraction of the weights."""
     from coalora.device import training_device
 

@@ -1,4 +1,4 @@
-"""Which configurations a run trains, validates and evaluates on (DESIGN §5, §8): the initial
+"""Which configurations a run trains, validates and evaluates on: the initial
 training set on a budget grid and the unseen and seen evaluation configurations."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The side-by-side comparison of QLoRA, LQ-LoRA, Shared-LoRA and CoA-LoRA (DESIGN §7-8).
+"""The side-by-side comparison of QLoRA, LQ-LoRA, Shared-LoRA and CoA-LoRA.
 
 Every method gets the same learning-rate grid: each grid point trains with the first seed,
 and the method keeps the point with the best hypervolume on the validation split (carved

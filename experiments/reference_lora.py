@@ -4,7 +4,7 @@ Same backbone, data, rank, optimizer, batches and epochs as a coalora run, but e
 layer keeps its full-precision weight and there is no configuration-aware network. Prints the
 test metric and writes it to JSON.
 
-    python experiments/reference_lora.py task=sst2 task.data_dir=../shared/data/glue \\
+    python experiments/reference_lora.py task=sst2 task.data_dir=/data/glue \\
         data.max_train_samples=8000 data.max_length=64 trainer.max_epochs=2
 """
 

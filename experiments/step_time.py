@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -43,7 +44,11 @@ def step(model: QuantizedLoRAModel, optimizer: torch.optim.Optimizer, batch) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--glue-dir", default="../shared/data/glue")
+    parser.add_argument(
+        "--glue-dir",
+        default=os.environ.get("COALORA_GLUE_DIR"),
+        help="local GLUE folder (default: $COALORA_GLUE_DIR; unset: the dataset hub)",
+    )
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=32)

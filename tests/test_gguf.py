@@ -28,7 +28,6 @@ from coalora.serve.gguf_export import (
     MODEL_FILE,
     check_gguf_export,
     export_gguf,
-    read_tensor_types,
     rotary_permutation,
     write_gguf_model,
 )
@@ -36,6 +35,15 @@ from coalora.serve.gguf_export import (
 CONF = Path(__file__).resolve().parents[1] / "conf"
 TYPES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q5_0", "Q8_0"]
 LEGACY = ["Q4_0", "Q5_0", "Q8_0"]
+
+
+def read_tensor_types(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Per tensor of a GGUF file its type name and shape (``ne`` order reversed: rows first)."""
+    reader = gguf.GGUFReader(path)
+    return {
+        t.name: (t.tensor_type.name, tuple(int(n) for n in reversed(t.shape.tolist())))
+        for t in reader.tensors
+    }
 
 
 def smollm2_gguf() -> Path:

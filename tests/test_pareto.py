@@ -6,7 +6,6 @@ import pytest
 from coalora.pareto import (
     hypervolume_2d,
     non_dominated_mask,
-    non_dominated_sort,
     normalized_hypervolume,
     segmented_pareto_filter,
 )
@@ -57,20 +56,6 @@ def test_non_dominated_mask_examples():
         non_dominated_mask(points), [True, True, True, False, False, True]
     )
     assert non_dominated_mask(np.empty((0, 2))).shape == (0,)
-
-
-@pytest.mark.parametrize("trial", TRIALS)
-def test_non_dominated_sort_fronts(trial):
-    points = random_points(trial, n=30)
-    fronts = non_dominated_sort(points)
-    np.testing.assert_array_equal(np.sort(np.concatenate(fronts)), np.arange(len(points)))
-    for k, front in enumerate(fronts):
-        assert np.all(np.diff(front) > 0)
-        later = np.concatenate(fronts[k:])
-        for j in front:
-            assert not any(dominates(points[i], points[j]) for i in later)
-            if k:
-                assert any(dominates(points[i], points[j]) for i in fronts[k - 1])
 
 
 @pytest.mark.parametrize("trial", TRIALS)

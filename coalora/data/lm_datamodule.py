@@ -107,11 +107,6 @@ class LanguageModelingDataModule(TokenizedDataModule):
         blocks = ids[: count * length].reshape(count, length)
         return datasets.Dataset.from_dict({"input_ids": blocks}, features=features)
 
-    def num_tokens(self, name: str) -> int:
-        """Tokens in the blocks of a split (``max_length`` per block; the model predicts
-        ``max_length - 1`` of them per block)."""
-        return len(self.split(name)) * self.hparams.max_length
-
     def collate(self, rows: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         return collate_blocks(rows)
 

@@ -1,4 +1,4 @@
-"""Scoring configurations of a trained model on a data split (DESIGN §8)."""
+"""Scoring configurations of a trained model on a data split."""
 
 from __future__ import annotations
 

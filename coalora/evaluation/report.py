@@ -1,6 +1,6 @@
 """What a run writes after evaluation: result files, a metric-vs-bits plot, tables, summaries.
 
-Plain functions over :class:`EvalRecord` rows (DESIGN §8); no Lightning. Plots use
+Plain functions over :class:`EvalRecord` rows; no Lightning. Plots use
 matplotlib's Agg canvas directly, so no display or global backend is needed.
 """
 
@@ -39,8 +39,8 @@ class EvalRecord:
     """One evaluated configuration.
 
     Args:
-        method: method name (DESIGN §7), e.g. ``"coalora"`` or ``"qlora"``.
-        split: ``"seen"`` (a training configuration) or ``"unseen"`` (DESIGN §8).
+        method: method name, e.g. ``"coalora"`` or ``"qlora"``.
+        split: ``"seen"`` (a training configuration) or ``"unseen"``.
         target_budget: average bit-width the configuration was allocated for.
         avg_bits: the configuration's actual average bits per parameter.
         metric: the metric's name, e.g. ``"accuracy"``.
@@ -223,7 +223,7 @@ def summarize(
 
     Returns:
         ``{method: {"hv": normalized_hypervolume(avg_bits, scores), "values": {budget: value}}}``
-        (HV as defined in :func:`coalora.pareto.normalized_hypervolume`, DESIGN §8), with
+        (HV as defined in :func:`coalora.pareto.normalized_hypervolume`), with
         ``scores`` the values, or ``score(value)`` for metrics not already in [0, 1] with
         higher better (perplexity: :func:`perplexity_score`).
     """

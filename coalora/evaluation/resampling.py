@@ -1,4 +1,4 @@
-"""Metrics recomputed from per-example statistics, for bootstrap intervals (DESIGN §8).
+"""Metrics recomputed from per-example statistics, for bootstrap intervals.
 
 A run saves, for every scored configuration, one row per test example (per block for language
 modelling): ``(predicted class, target class)`` for classification, ``(summed negative

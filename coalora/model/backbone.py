@@ -258,7 +258,7 @@ class QuantizedLoRAModel(nn.Module):
         backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
     ) -> torch.Tensor:
         """Accumulate the gradient of the mean loss of ``batch`` under each of ``choices``
-        (DESIGN §5) and return that mean, detached. Each configuration's loss is
+        and return that mean, detached. Each configuration's loss is
         back-propagated (``backward``, e.g. Lightning's ``manual_backward``) before the next
         forward pass, so only one configuration's graph is alive at a time."""
         if not choices:

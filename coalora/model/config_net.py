@@ -1,4 +1,4 @@
-"""The configuration-aware network θ: layer configuration → r×r adjustment U (DESIGN §4)."""
+"""The configuration-aware network θ: layer configuration → r×r adjustment U."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The quantized linear layer with a configuration-aware LoRA adapter (DESIGN §4)."""
+"""The quantized linear layer with a configuration-aware LoRA adapter."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Budget allocation: the minimum-error option per matrix under an average bit-width budget.
 
-A multiple-choice knapsack (DESIGN §3), solved exactly by a dynamic program over the Pareto
+A multiple-choice knapsack, solved exactly by a dynamic program over the Pareto
 frontier of (storage, error) of partial choices, pruned by the linear-programming relaxation of
 the matrices still to choose (Dudziński & Walukiewicz 1987; Pisinger 1995). Storage is counted
 in integer units: every option's bits per parameter is a dyadic fraction, so the budget test

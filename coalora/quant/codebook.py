@@ -22,7 +22,7 @@ def _check_bits(bits: int) -> None:
 
 @functools.cache
 def nf_codebook(bits: int) -> torch.Tensor:
-    """NormalFloat levels for ``bits`` bits, ascending, exactly -1 ... 0 ... 1 (DESIGN §2).
+    """NormalFloat levels for ``bits`` bits, ascending, exactly -1 ... 0 ... 1.
 
     Quantiles ``linspace(1-offset, 0.5, 2^(b-1))`` then ``linspace(0.5, offset, 2^(b-1)+1)[1:]``
     mapped through the inverse CDF of N(0, σ) with σ chosen so that the offset maps to 1.

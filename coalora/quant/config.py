@@ -1,4 +1,4 @@
-"""Quantization configurations: the five per-matrix choices of DESIGN §2 and their storage cost."""
+"""Quantization configurations: the five per-matrix choices and their storage cost."""
 
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ class QuantConfig:
 
     @property
     def bits_per_param(self) -> float:
-        """Storage per weight: ``b0 + b1/B0 + width(b2)/(B0·B1)`` (DESIGN §2)."""
+        """Storage per weight: ``b0 + b1/B0 + width(b2)/(B0·B1)``."""
         return (
             self.bits
             + self.scale_bits / self.block_size

@@ -1,4 +1,4 @@
-"""Quantization-error tables: ``‖W_i − Q_j(W_i)‖²`` per target matrix i and option j (DESIGN §3),
+"""Quantization-error tables: ``‖W_i − Q_j(W_i)‖²`` per target matrix i and option j,
 the record, its building from :func:`~coalora.quant.errors.matrix_errors` and its disk cache."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Quantization errors of one matrix: ``‖W_i − Q_j(W_i)‖²`` (optionally Fisher-weighted) of
-every option j, exact or estimated on a sample of its chunks (DESIGN §3)."""
+every option j, exact or estimated on a sample of its chunks."""
 
 from __future__ import annotations
 

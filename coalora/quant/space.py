@@ -1,4 +1,4 @@
-"""The configuration space of a model: one quantization option per target matrix (DESIGN §3).
+"""The configuration space of a model: one quantization option per target matrix.
 
 A configuration (a :data:`Choice`) is a tuple of option indices, one per target matrix.
 :class:`ConfigSpace` owns everything computed from the option list and the matrices' sizes:

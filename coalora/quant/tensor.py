@@ -1,4 +1,4 @@
-"""NormalFloat / integer quantization with double-quantized scales (DESIGN §2).
+"""NormalFloat / integer quantization with double-quantized scales.
 
 Layout rule for any shape: the weight is flattened and zero-padded to a multiple of
 ``block_size``; the first-level scales are padded to a multiple of ``scale_block_size`` with
@@ -77,7 +77,7 @@ def double_quantize(
     scale_block_size: int,
     check_overflow: bool = True,
 ) -> DoubleQuantizedScales:
-    """Quantize the first-level scales ``absmax`` (steps 2–3 of DESIGN §2).
+    """Quantize the first-level scales ``absmax``.
 
     Args:
         absmax: the first-level scales, one per block.
@@ -214,7 +214,7 @@ def packed_nbytes(numel: int, config: QuantConfig) -> int:
 
 
 def quantize(w: torch.Tensor, config: QuantConfig) -> QuantizedTensor:
-    """Quantize ``w`` with ``config`` (steps 1–5 of DESIGN §2).
+    """Quantize ``w`` with ``config``.
 
     Any shape, layout and floating-point dtype: ``w`` is quantized in fp32, on its device, and
     :meth:`QuantizedTensor.dequantize` returns its shape and dtype. A CPU codes

@@ -1,4 +1,4 @@
-"""Pareto configuration search between epochs (DESIGN §6); the Lightning callback lives in
+"""Pareto configuration search between epochs; the Lightning callback lives in
 :mod:`coalora.search.callback`, so importing this package needs neither Lightning nor Hydra."""
 
 from coalora.search.encoding import OptionGrid

@@ -1,4 +1,4 @@
-"""Lightning callback running the configuration search between epochs (DESIGN §6)."""
+"""Lightning callback running the configuration search between epochs."""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ in both bits per parameter and quantization error (the candidates of the allocat
 :func:`coalora.quant.allocation.efficient_options`), sorted by bits. Along that list bits rise
 and error falls strictly, so a matrix's position on it is an ordinal "more bits, less error"
 coordinate. A configuration is a point of the grid (one position per matrix); a ±1 move of one
-matrix is a step of the guided walk (DESIGN §6).
+matrix is a step of the guided walk.
 """
 
 from __future__ import annotations

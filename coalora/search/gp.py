@@ -1,4 +1,4 @@
-"""Surrogate, acquisition and guided walk of the Pareto configuration search (DESIGN §6).
+"""Surrogate, acquisition and guided walk of the Pareto configuration search.
 
 Both objectives are minimised by the rest of the package (average bits, held-out loss);
 botorch maximises, so the models here output ``(−bits, −loss)``.

@@ -1,4 +1,4 @@
-"""The configuration search run between epochs, with everything it keeps across epochs (DESIGN §6).
+"""The configuration search run between epochs, with everything it keeps across epochs.
 
 A round: re-score the pool (the current training set) with the current model, propose new
 configurations, score them, and keep the union of the per-segment Pareto fronts of
@@ -21,7 +21,7 @@ from coalora.search.encoding import OptionGrid
 from coalora.search.gp import ACQ_BATCH_SIZE, guided_walk, log_ehvi, reference_point
 
 HV_BITS_RANGE = (2.0, 8.0)
-"""Average bits mapped to [0, 1] in the pool hypervolume, as in the evaluation (DESIGN §8)."""
+"""Average bits mapped to [0, 1] in the pool hypervolume, as in the evaluation."""
 
 Scorer = Callable[[list[Choice]], Sequence[float]]
 """Held-out loss of each configuration under the current model (adapters and θ included)."""

@@ -57,7 +57,7 @@ def check_request(
 
 
 class Deployment:
-    """A trained run ready to serve any configuration (DESIGN §9).
+    """A trained run ready to serve any configuration.
 
     Holds the pre-trained backbone, the trained LoRA factors, θ and task head, and the error
     table. :meth:`at` returns a transformers model whose target matrices are packed

@@ -218,15 +218,6 @@ def _finish(writer: gguf.GGUFWriter) -> None:
     writer.close()
 
 
-def read_tensor_types(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """Per tensor of a GGUF file its type name and shape (``ne`` order reversed: rows first)."""
-    reader = gguf.GGUFReader(path)
-    return {
-        t.name: (t.tensor_type.name, tuple(int(n) for n in reversed(t.shape.tolist())))
-        for t in reader.tensors
-    }
-
-
 def export_gguf(
     dep: Deployment,
     out: str | Path,

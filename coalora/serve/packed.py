@@ -18,7 +18,7 @@ class PackedLoRALinear(nn.Module):
     double-quantized scales, or a llama.cpp type's bytes; buffers, so ``state_dict`` and
     ``.to`` see them) and dequantized in every ``forward``; no dense copy stays resident.
     ``B' = B (I + U)`` is the LoRA factor with the configuration-aware adjustment of this
-    configuration folded in (DESIGN §9), so the adapter is a standard LoRA.
+    configuration folded in, so the adapter is a standard LoRA.
 
     Args:
         weight: the quantized weight.

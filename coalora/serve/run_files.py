@@ -67,7 +67,8 @@ IDENTITY_SETTINGS = {
     "residual_rank": "method.residual_rank",
 }
 """Where :data:`RUN_CONFIG_NAME` holds each entry of a checkpoint's recorded identity
-(``coalora.run.run_identity``); ``options`` and ``targets`` are checked against the error table."""
+(``coalora.checkpoints.run_identity``); ``options`` and ``targets`` are checked against the
+error table."""
 RECORDED_DATA_SETTINGS = ("max_length", "tokenizer_path")
 """``data.*`` settings the checkpoint's data-module record holds and serving depends on."""
 MISSING = "missing"
