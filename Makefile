@@ -71,7 +71,8 @@ demo: install
 # target rebuilds the committed reports and trains only what is missing (an interrupted sweep
 # resumes). COMPARE_JOBS=2 runs two one-thread jobs side by side.
 # MRPC trains on 2,000 examples: with 500, every method stays near the all-positive answer.
-# `make ablate`: CoA-LoRA's options on the validation split (experiments/ablate.py).
+# `make ablate`: CoA-LoRA's options on the validation split (experiments/ablate.py), in the
+# committed sweep: its finished jobs are collected and the missing seeds trained.
 COALORA_GLUE_DIR ?= ../shared/data/glue
 COALORA_TEXT_DIR ?= ../shared/data
 COMPARE_JOBS ?= 2
@@ -88,6 +89,8 @@ compare: install
 
 ablate: install
 	$(EXPERIMENT_ENV) $(BIN)/python experiments/ablate.py --seeds 0,1,2 \
+		--variants baseline,svd_init_4bit,k1,low_budget_set,residual_r16,theta_lr_0.25,factors_lr_2e-3 \
+		--sweep-dir $(SWEEPS)/ablate-sst2-nf --out experiments/results/ablation-sst2-nf \
 		experiment=compare_minilm task=sst2 quant=nf data.max_train_samples=1000
 
 # llama.cpp on coalora's GGUF exports: trains experiment=gguf_smollm2 once (outputs/gguf_smollm2),

@@ -1,4 +1,4 @@
-"""Pareto utilities: dominance, fronts, 2-D hypervolume and segmented filtering.
+"""Pareto utilities: dominance, the non-dominated mask, 2-D hypervolume and segmented filtering.
 
 Every objective is MINIMISED here; callers negate a maximised metric (accuracy, F1). Pure
 numpy, used by the configuration search and the evaluation.

@@ -14,6 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from coalora.checkpoints import read_checkpoint
+from coalora.data.factory import TASK_KINDS
 from coalora.methods import LoraInit, TrainingPlan
 from coalora.serve.positions import check_max_length
 
@@ -26,10 +27,9 @@ def check_settings(cfg: DictConfig, plan: TrainingPlan, init: LoraInit) -> dict[
     (which the method's ``plan`` and ``init`` must allow) and ``ckpt_path`` (which ``plan``
     must be able to resume); returns the checkpoint to resume from (None without one)."""
     check_seed(cfg.seed)
-    residual_rank = cfg.method.get("residual_rank", 0)
-    if isinstance(residual_rank, int) and not isinstance(residual_rank, bool):
-        plan.check_residual_rank(residual_rank)
-        init.check_residual_rank(residual_rank)
+    residual_rank = check_residual_rank(cfg)
+    plan.check_residual_rank(residual_rank)
+    init.check_residual_rank(residual_rank)
     max_epochs = cfg.trainer.get("max_epochs")
     if max_epochs is not None and (max_epochs == 0 or max_epochs < -1):
         raise ValueError(
@@ -40,6 +40,20 @@ def check_settings(cfg: DictConfig, plan: TrainingPlan, init: LoraInit) -> dict[
     check_trainer_settings(cfg.trainer)
     check_optimizer(cfg.method.optimizer)
     return resume
+
+
+def check_residual_rank(cfg: DictConfig) -> int:
+    """``method.residual_rank`` as a whole number >= 0 (its upper bound, the smallest target
+    matrix dimension, is checked with the model); the task kind it defaults by comes first."""
+    kind = cfg.task.get("kind", "classification")
+    if kind not in TASK_KINDS:
+        raise ValueError(f"task.kind={kind!r}; choose one of {TASK_KINDS}")
+    value = cfg.method.get("residual_rank", 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(
+            f"method.residual_rank={value!r} must be a whole number >= 0 (0: no correction)"
+        )
+    return value
 
 
 def check_seed(seed: object, setting: str = "seed") -> int:

@@ -8,7 +8,8 @@ validation split. Writes ``<out>/report.md``, ``<out>/summary.json`` and
 
     python experiments/ablate.py experiment=compare_minilm task=sst2 quant=nf
     python experiments/ablate.py --variants baseline,rank64 --seeds 0,1 experiment=...
-    python experiments/ablate.py --collect multirun/ablate-sst2-nf
+    python experiments/ablate.py --collect experiments/sweeps/ablate-sst2-nf \
+        --out experiments/results/ablation-sst2-nf
 
 Jobs run in ``<sweep>/<variant>/seed_<seed>``; finished ones are collected, not rerun.
 """
@@ -143,8 +144,8 @@ def commands_of(
     sweep: Path, found: dict[str, dict[int, dict]], baseline: str, out: Path
 ) -> list[str]:
     """The ablation commands that train the jobs ``found`` under ``sweep`` and report to
-    ``out``: one per set of seeds the variants ran with; raises if the jobs differ in their
-    shared overrides."""
+    ``out``: one per set of seeds the variants ran with, the baseline's first (the others
+    pair against it); raises if the jobs differ in their shared overrides."""
     shared = {
         " ".join(shared_overrides(sweep / variant / f"seed_{seed}", variant))
         for variant, seeds in found.items()
@@ -153,7 +154,7 @@ def commands_of(
     if len(shared) > 1:
         raise ValueError(f"the jobs under {sweep} ran with different overrides: {sorted(shared)}")
     by_seeds: dict[tuple[int, ...], list[str]] = {}
-    for variant in [v for v in VARIANTS if v in found]:
+    for variant in sorted([v for v in VARIANTS if v in found], key=lambda v: v != baseline):
         by_seeds.setdefault(tuple(sorted(found[variant])), []).append(variant)
     against = "" if baseline == "baseline" else f" --baseline {baseline}"
     (overrides,) = shared

@@ -106,15 +106,15 @@ def test_the_report_names_the_commands_that_train_its_jobs(tmp_path):
         fake_job(sweep, "residual_r16", seed, 0.72)
     fake_job(sweep, "k1", 0, 0.71)
     out = tmp_path / "out"
-    commands = ablate.commands_of(sweep, ablate.load(sweep), "svd_init_3bit", out)
-    assert commands == [
-        f"python experiments/ablate.py --variants svd_init_3bit,residual_r16 --seeds 0,1,2 "
-        f"--baseline svd_init_3bit --sweep-dir {sweep} --out {out} task=sst2",
-        f"python experiments/ablate.py --variants k1 --seeds 0 --baseline svd_init_3bit "
+    commands = ablate.commands_of(sweep, ablate.load(sweep), "residual_r16", out)
+    assert commands == [  # the baseline's jobs first: the others pair against them
+        f"python experiments/ablate.py --variants residual_r16,svd_init_3bit --seeds 0,1,2 "
+        f"--baseline residual_r16 --sweep-dir {sweep} --out {out} task=sst2",
+        f"python experiments/ablate.py --variants k1 --seeds 0 --baseline residual_r16 "
         f"--sweep-dir {sweep} --out {out} task=sst2",
     ]
-    ablate.report(ablate.load(sweep), out, commands, "svd_init_3bit")
+    ablate.report(ablate.load(sweep), out, commands, "residual_r16")
     assert f"    {commands[1]}" in (out / "report.md").read_text()
     fake_job(sweep, "k1", 1, 0.71, shared=("task=mrpc",))
     with pytest.raises(ValueError, match="ran with different overrides"):
-        ablate.commands_of(sweep, ablate.load(sweep), "svd_init_3bit", out)
+        ablate.commands_of(sweep, ablate.load(sweep), "residual_r16", out)

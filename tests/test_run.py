@@ -352,16 +352,29 @@ def test_each_method_starts_its_lora_factors_as_configured():
             r"weights, from which no option's residual can be computed; set "
             r"method.residual_rank=0$",
         ),
+        (
+            ["method/init=svd", "method.residual_rank=-1"],
+            r"^method.residual_rank=-1 must be a whole number >= 0 \(0: no correction\)$",
+        ),
+        (["method.residual_rank='4'"], r"^method.residual_rank='4' must be a whole number"),
+        (["method.residual_rank=true"], r"^method.residual_rank=True must be a whole number"),
+        (["method.residual_rank=null"], r"^method.residual_rank=None must be a whole number"),
+        (
+            ["++task.kind=languagemodeling"],
+            r"^task.kind='languagemodeling'; choose one of \('classification', 'language_model",
+        ),
     ],
 )
-def test_residual_corrections_the_method_cannot_keep_are_refused_first(overrides, message):
+def test_residual_settings_are_checked_before_any_work(overrides, message):
     from coalora.preflight import check_settings
 
     cfg = compose_config(["debug=fast", *overrides])
     plan, init = instantiate(cfg.method.plan), instantiate(cfg.method.init)
     with pytest.raises(ValueError, match=message):
         check_settings(cfg, plan, init)
-    check_settings(compose_config(["debug=fast", *overrides, "method.residual_rank=0"]), plan, init)
+    if not any("task.kind" in o for o in overrides):
+        fixed = compose_config(["debug=fast", *overrides, "method.residual_rank=0"])
+        assert check_settings(fixed, plan, init) is None
 
 
 @pytest.mark.parametrize(
