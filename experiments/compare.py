@@ -289,6 +289,19 @@ def grid_table(runs: list[dict[str, Any]], seed: int) -> dict[str, dict[str, flo
     return dict(grid)
 
 
+def grid_edges(comparison: dict[str, dict[str, Any]], lrs: list[float]) -> str:
+    """The methods whose chosen learning rate is the grid's lowest or highest, as text (empty
+    when none is, or with fewer than three rates)."""
+    if len(lrs) < 3:
+        return ""
+    ends = {min(lrs): "lowest", max(lrs): "highest"}
+    return ", ".join(
+        f"{LABELS[m]} ({ends[c['lr']]}, {c['lr']:g})"
+        for m, c in comparison.items()
+        if c["lr"] in ends
+    )
+
+
 def examples_of(run: dict[str, Any], budgets: list[float]) -> np.ndarray:
     """``(budgets, examples, 2)`` per-example test statistics of a job's compared split."""
     split = run["summary"]["compared_split"]
@@ -666,6 +679,12 @@ def markdown(comparison: dict, setup: dict, grid: dict, command: str) -> str:
             for lr, v in sorted(grid[method].items(), key=lambda kv: float(kv[0]))
         ]
         lines.append(f"| {LABELS[method]} | " + " | ".join(row) + " |")
+    at_edge = grid_edges(comparison, setup["lrs"])
+    if at_edge:
+        lines += [
+            "",
+            f"Chosen at an edge of the grid (a better rate may lie beyond it): {at_edge}.",
+        ]
     lines += [
         "",
         "Per seed (test HV / validation HV / time in min; best epochs, counting from 0):",

@@ -143,6 +143,21 @@ def test_report_chooses_rates_on_validation_and_gives_intervals(sweep, tmp_path)
     )
 
 
+def test_a_rate_chosen_at_an_edge_of_the_grid_is_flagged(sweep, tmp_path):
+    for method in compare.METHODS:  # a third point above: 5e-4 is now the middle
+        fake_job(sweep, method, 1e-3, 0, ACCURACY[method])
+    summary = compare.write_report(compare.load_runs(sweep), tmp_path / "out", "cmd")
+    assert "edge of the grid" not in (tmp_path / "out" / "report.md").read_text()
+    comparison = {
+        m: {**c, "lr": 2e-4 if m == "qlora" else c["lr"]} for m, c in summary["methods"].items()
+    }
+    comparison["shared"]["lr"] = 1e-3
+    assert compare.grid_edges(comparison, [2e-4, 5e-4, 1e-3]) == (
+        "QLoRA (lowest, 0.0002), Shared-LoRA (highest, 0.001)"
+    )
+    assert compare.grid_edges(comparison, [2e-4, 1e-3]) == ""  # two points: both are edges
+
+
 def test_finished_jobs_are_collected_not_rerun(sweep, monkeypatch):
     started = []
     monkeypatch.setattr(compare.subprocess, "run", lambda cmd, **kw: started.append(cmd))
